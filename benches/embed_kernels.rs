@@ -1,0 +1,164 @@
+//! Criterion benchmarks of the embedding hot paths (SPEC §7): the CPU reference operations at the `small`
+//! preset's shapes, and, when a GPU is present, the CUDA kernels at Baichuan2-7B's shapes for a batch of
+//! 4096 tokens (timed on the device: a batch of launches, then one synchronisation).
+//!
+//! `cargo bench --bench embed_kernels`; without a GPU only the CPU group runs (the reason is printed).
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use half::f16;
+use learn_kern::cpu;
+use learn_kern::cuda::Gpu;
+use learn_kern::cuda::memory::Dev;
+use learn_kern::cuda::ops::attention_tiles;
+use learn_kern::llm::LlmConfig;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Packed sequences of lengths cycling through 16..=128 (the bench embed default mix) up to `tokens`.
+fn offsets(tokens: usize) -> Vec<usize> {
+    let mut offsets = vec![0];
+    let mut len = 16;
+    while offsets[offsets.len() - 1] + len <= tokens {
+        offsets.push(offsets[offsets.len() - 1] + len);
+        len = 16 + (len * 37 + 11) % 113;
+    }
+    offsets
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n as u32).map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0).collect()
+}
+
+fn cpu_reference(c: &mut Criterion) {
+    let config = LlmConfig::preset("small").unwrap();
+    let (d, f, heads, dh) =
+        (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim());
+    let offsets = offsets(1024);
+    let t = offsets[offsets.len() - 1];
+    let mut group = c.benchmark_group("cpu");
+    group.sample_size(10).measurement_time(Duration::from_secs(3));
+
+    let x = values(t * d, 1);
+    let w = values(d, 2);
+    let mut out = vec![0.0; t * d];
+    group.throughput(Throughput::Bytes((t * d * 8) as u64));
+    group.bench_function("rmsnorm", |b| b.iter(|| cpu::rmsnorm::rmsnorm(&mut out, black_box(&x), &w, 1e-6)));
+
+    let mut qkv = values(t * 3 * d, 3);
+    let positions: Vec<usize> = offsets.windows(2).flat_map(|w| 0..w[1] - w[0]).collect();
+    let table = cpu::rope::RopeTable::new(dh, 10000.0, 512);
+    group.throughput(Throughput::Bytes((t * 2 * d * 8) as u64));
+    group.bench_function("rope", |b| b.iter(|| cpu::rope::rope(&mut qkv, 3 * d, 2 * heads, &positions, &table)));
+
+    let pairs: usize = offsets.windows(2).map(|w| (w[1] - w[0]) * (w[1] - w[0] + 1) / 2).sum();
+    group.throughput(Throughput::Elements((4 * d * pairs) as u64));
+    group.bench_function("causal_attention (flop)", |b| {
+        b.iter(|| cpu::causal_attention::causal_attention(&mut out, black_box(&qkv), &offsets, heads, dh))
+    });
+
+    let gate_up = values(t * 2 * f, 4);
+    let mut act = vec![0.0; t * f];
+    group.throughput(Throughput::Bytes((t * 3 * f * 4) as u64));
+    group.bench_function("swiglu", |b| b.iter(|| cpu::swiglu::swiglu(&mut act, black_box(&gate_up), f)));
+
+    let mut pooled = vec![0.0; (offsets.len() - 1) * d];
+    group.throughput(Throughput::Bytes((t * d * 4) as u64));
+    group.bench_function("mean_pool_l2", |b| {
+        b.iter(|| cpu::pool::mean_pool_l2(&mut pooled, black_box(&x), &offsets, d))
+    });
+
+    let wpack = values(3 * d * d, 5);
+    group.throughput(Throughput::Elements((2 * t * 3 * d * d) as u64));
+    group.bench_with_input(BenchmarkId::new("gemm a_bt (flop)", format!("{t}x{}x{d}", 3 * d)), &t, |b, &t| {
+        b.iter(|| cpu::gemm::a_bt(&mut qkv, black_box(&x), &wpack, t, 3 * d, d, false))
+    });
+    group.finish();
+}
+
+/// Times `iters` launches with one synchronisation at the end.
+fn device_time(gpu: &Gpu, iters: u64, launch: &mut dyn FnMut()) -> Duration {
+    gpu.sync().unwrap();
+    let start = Instant::now();
+    for _ in 0..iters {
+        launch();
+    }
+    gpu.sync().unwrap();
+    start.elapsed()
+}
+
+fn gpu_kernels(c: &mut Criterion) {
+    if let Err(why) = learn_kern::cuda::probe() {
+        eprintln!("skipping the GPU kernels: {why}");
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let config = LlmConfig::preset("baichuan2-7b").unwrap();
+    let (d, f, heads, dh) =
+        (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim());
+    let offsets = offsets(4096);
+    let (t, s) = (offsets[offsets.len() - 1], offsets.len() - 1);
+    let mut tiles = Vec::new();
+    attention_tiles(&offsets, &mut tiles);
+    let alloc = |bytes: usize| gpu.alloc(bytes, "bench").unwrap();
+    let bgate_up_w = alloc(2 * f * d * 2);
+    let (bx, bh, bdelta, bqkv, battn, bgu, bact, bw, brope, bpos, bcu, btiles, bpool) = (
+        alloc(t * d * 4),
+        alloc(t * d * 2),
+        alloc(t * d * 2),
+        alloc(t * 3 * d * 2),
+        alloc(t * d * 2),
+        alloc(t * 2 * f * 2),
+        alloc(t * f * 2),
+        alloc(d * 4),
+        alloc(4096 * dh * 4),
+        alloc(t * 4),
+        alloc((s + 1) * 4),
+        alloc(tiles.len() * 8),
+        alloc(s * d * 4),
+    );
+    let x: Dev<f32> = bx.all();
+    let [h, delta, qkv, attn, gu, act]: [Dev<f16>; 6] = [&bh, &bdelta, &bqkv, &battn, &bgu, &bact].map(|b| b.all());
+    let (w, rope, pooled): (Dev<f32>, Dev<[f32; 2]>, Dev<f32>) = (bw.all(), brope.all(), bpool.all());
+    let gate_up_w: Dev<f16> = bgate_up_w.all();
+    for (i, dst) in [h, delta, qkv, gu, gate_up_w].into_iter().enumerate() {
+        gpu.fill_uniform_f16(dst, i as u64, 0.0, 2.0).unwrap();
+    }
+    gpu.fill_uniform_f32(x, 9, 0.0, 2.0).unwrap();
+    gpu.fill_uniform_f32(w, 10, 1.0, 0.5).unwrap();
+    gpu.rope_table(rope, 4096, dh, 10000.0).unwrap();
+    let positions: Vec<i32> = offsets.windows(2).flat_map(|w| 0..(w[1] - w[0]) as i32).collect();
+    let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+    let (pos, cu_dev, tiles_dev): (Dev<i32>, Dev<i32>, Dev<[i32; 2]>) = (bpos.all(), bcu.all(), btiles.all());
+    gpu.upload(pos, &positions).unwrap();
+    gpu.upload(cu_dev, &cu).unwrap();
+    gpu.upload(tiles_dev, &tiles).unwrap();
+
+    let mut group = c.benchmark_group(format!("cuda {}", gpu.name));
+    group.sample_size(20);
+    let td = (t * d) as u64;
+    let mut bench = |name: &str, throughput: Throughput, launch: &mut dyn FnMut()| {
+        group.throughput(throughput);
+        group.bench_function(name, |b| b.iter_custom(|iters| device_time(&gpu, iters, launch)));
+    };
+    bench("rmsnorm_residual", Throughput::Bytes(td * 12), &mut || {
+        gpu.rmsnorm_residual(x, Some(delta), w, h, t, d, 1e-6).unwrap()
+    });
+    bench("rope_apply", Throughput::Bytes(td * 8), &mut || {
+        gpu.rope_apply(qkv, rope, pos, t, 2 * heads, dh, 3 * d).unwrap()
+    });
+    let pairs: usize = offsets.windows(2).map(|w| (w[1] - w[0]) * (w[1] - w[0] + 1) / 2).sum();
+    bench("attention (flop)", Throughput::Elements((4 * d * pairs) as u64), &mut || {
+        gpu.attention(qkv, attn, cu_dev, tiles_dev, tiles.len(), s, heads, dh, t).unwrap()
+    });
+    bench("swiglu", Throughput::Bytes((t * f * 6) as u64), &mut || gpu.swiglu(act, gu, t, f).unwrap());
+    bench("final_norm_pool", Throughput::Bytes(td * 6), &mut || {
+        gpu.final_norm_pool(pooled, x, Some(delta), w, cu_dev, s, t, d, 1e-6).unwrap()
+    });
+    bench("gemm gate_up (flop)", Throughput::Elements((2 * t * 2 * f * d) as u64), &mut || {
+        gpu.gemm(gu, h, gate_up_w, t, 2 * f, d).unwrap()
+    });
+    group.finish();
+}
+
+criterion_group!(benches, cpu_reference, gpu_kernels);
+criterion_main!(benches);

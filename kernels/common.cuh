@@ -1,0 +1,179 @@
+// Helpers shared by every kernel file.
+//
+// No CUDA header is included: NVRTC as the Python package index ships it (nvidia-cuda-nvrtc-cu12) comes
+// without cuda_fp16.h or mma.h, and the kernels must compile with it alone. So half precision is plain
+// 16-bit storage converted with single PTX instructions, and the tensor-core fragments below are the PTX
+// `wmma` instructions themselves, which also pins down exactly what runs on sm_70 (no bf16 arithmetic, no
+// cp.async, no ldmatrix).
+#pragma once
+
+// IEEE binary16 and bfloat16 bit patterns. Storage only: every kernel computes in fp32.
+typedef unsigned short f16;
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float f16_to_f32(f16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Round to nearest even; values beyond ±65504 become ±inf, as a PyTorch .half() does.
+__device__ __forceinline__ f16 f32_to_f16(float f) {
+    f16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// bf16 is the top half of an fp32: widening is a shift, exact.
+__device__ __forceinline__ float bf16_to_f32(bf16 b) { return __uint_as_float(((unsigned)b) << 16); }
+
+__device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
+    return (unsigned)f32_to_f16(lo) | ((unsigned)f32_to_f16(hi) << 16);
+}
+
+// Eight consecutive halves through one 16-byte access; `p` must be 16-byte aligned.
+__device__ __forceinline__ void load8_f16(const f16* p, float v[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        v[2 * k] = f16_to_f32((f16)(w[k] & 0xffffu));
+        v[2 * k + 1] = f16_to_f32((f16)(w[k] >> 16));
+    }
+}
+
+__device__ __forceinline__ void store8_f16(f16* p, const float v[8]) {
+    uint4 u;
+    u.x = pack_f16x2(v[0], v[1]);
+    u.y = pack_f16x2(v[2], v[3]);
+    u.z = pack_f16x2(v[4], v[5]);
+    u.w = pack_f16x2(v[6], v[7]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+// Eight consecutive floats through two 16-byte accesses; `p` must be 16-byte aligned.
+__device__ __forceinline__ void load8_f32(const float* p, float v[8]) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+__device__ __forceinline__ void store8_f32(float* p, const float v[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Sum over the block, returned to every thread, in a fixed order (so runs repeat bit for bit).
+// blockDim.x must be a multiple of 32; `scratch` is 32 floats of shared memory. The leading barrier lets a
+// block call this in a loop: no warp overwrites `scratch` while another still reads the previous sum.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < warps ? scratch[lane] : 0.0f);
+}
+
+// A quiet NaN: what a kernel writes where its input is out of range, so a poisoned-output test or the
+// host's finiteness check sees it instead of reading memory it must not.
+__device__ __forceinline__ float nan_f32() { return __uint_as_float(0x7fc00000u); }
+
+// Grid-stride loop index type: element counts of a batch exceed 2^31 (8192 tokens × 2 × 11008).
+typedef long long index_t;
+
+// Tensor cores through the PTX wmma instructions (m16n16k16, fp16 inputs, fp32 accumulators), which sm_70
+// has; the attention kernels (attention.cu, masked_attention.cu) use them.
+// Fragments of one 16×16×16 product as the wmma instructions hold them: A and B as eight registers of two
+// packed halves, the accumulator as eight floats. The code only loads, multiplies and stores them.
+struct FragA { unsigned r[8]; };
+struct FragB { unsigned r[8]; };
+struct FragC { float r[8]; };
+
+// Loads and stores take generic addresses (shared memory here), 32-byte aligned, with the leading
+// dimension in elements (a multiple of 8 for fp16, of 4 for fp32). The "memory" clobber orders them with
+// the ordinary shared-memory accesses around them.
+__device__ __forceinline__ void load_a_row(FragA& a, const f16* p, int ld) {
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                 : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3]), "=r"(a.r[4]), "=r"(a.r[5]),
+                   "=r"(a.r[6]), "=r"(a.r[7])
+                 : "l"(p), "r"(ld)
+                 : "memory");
+}
+
+__device__ __forceinline__ void load_b_col(FragB& b, const f16* p, int ld) {
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                 : "=r"(b.r[0]), "=r"(b.r[1]), "=r"(b.r[2]), "=r"(b.r[3]), "=r"(b.r[4]), "=r"(b.r[5]),
+                   "=r"(b.r[6]), "=r"(b.r[7])
+                 : "l"(p), "r"(ld)
+                 : "memory");
+}
+
+__device__ __forceinline__ void load_b_row(FragB& b, const f16* p, int ld) {
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                 : "=r"(b.r[0]), "=r"(b.r[1]), "=r"(b.r[2]), "=r"(b.r[3]), "=r"(b.r[4]), "=r"(b.r[5]),
+                   "=r"(b.r[6]), "=r"(b.r[7])
+                 : "l"(p), "r"(ld)
+                 : "memory");
+}
+
+__device__ __forceinline__ void load_c_row(FragC& c, const float* p, int ld) {
+    asm volatile("wmma.load.c.sync.aligned.row.m16n16k16.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                 : "=f"(c.r[0]), "=f"(c.r[1]), "=f"(c.r[2]), "=f"(c.r[3]), "=f"(c.r[4]), "=f"(c.r[5]),
+                   "=f"(c.r[6]), "=f"(c.r[7])
+                 : "l"(p), "r"(ld)
+                 : "memory");
+}
+
+__device__ __forceinline__ void store_d_row(float* p, const FragC& d, int ld) {
+    asm volatile("wmma.store.d.sync.aligned.row.m16n16k16.f32 [%0], {%1,%2,%3,%4,%5,%6,%7,%8}, %9;"
+                 :
+                 : "l"(p), "f"(d.r[0]), "f"(d.r[1]), "f"(d.r[2]), "f"(d.r[3]), "f"(d.r[4]), "f"(d.r[5]),
+                   "f"(d.r[6]), "f"(d.r[7]), "r"(ld)
+                 : "memory");
+}
+
+// c += a·b with A row-major and B column-major (S = Q·Kᵀ: K's rows are Bᵀ's columns).
+__device__ __forceinline__ void mma_row_col(FragC& c, const FragA& a, const FragB& b) {
+    asm volatile(
+        "wmma.mma.sync.aligned.row.col.m16n16k16.f32.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, "
+        "{%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19,%20,%21,%22,%23}, {%0,%1,%2,%3,%4,%5,%6,%7};"
+        : "+f"(c.r[0]), "+f"(c.r[1]), "+f"(c.r[2]), "+f"(c.r[3]), "+f"(c.r[4]), "+f"(c.r[5]), "+f"(c.r[6]),
+          "+f"(c.r[7])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(a.r[4]), "r"(a.r[5]), "r"(a.r[6]), "r"(a.r[7]),
+          "r"(b.r[0]), "r"(b.r[1]), "r"(b.r[2]), "r"(b.r[3]), "r"(b.r[4]), "r"(b.r[5]), "r"(b.r[6]), "r"(b.r[7]));
+}
+
+// c += a·b with both row-major (O += P·V).
+__device__ __forceinline__ void mma_row_row(FragC& c, const FragA& a, const FragB& b) {
+    asm volatile(
+        "wmma.mma.sync.aligned.row.row.m16n16k16.f32.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, "
+        "{%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19,%20,%21,%22,%23}, {%0,%1,%2,%3,%4,%5,%6,%7};"
+        : "+f"(c.r[0]), "+f"(c.r[1]), "+f"(c.r[2]), "+f"(c.r[3]), "+f"(c.r[4]), "+f"(c.r[5]), "+f"(c.r[6]),
+          "+f"(c.r[7])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(a.r[4]), "r"(a.r[5]), "r"(a.r[6]), "r"(a.r[7]),
+          "r"(b.r[0]), "r"(b.r[1]), "r"(b.r[2]), "r"(b.r[3]), "r"(b.r[4]), "r"(b.r[5]), "r"(b.r[6]), "r"(b.r[7]));
+}
+
+// Rows row0 .. row0 + ROWS of one head's HD columns, from rows of `stride` halves at `base`, into shared
+// memory with leading dimension ld. Rows at or past n are zero-filled: a masked probability is exactly 0,
+// but 0 · (a NaN left in shared memory) would still be NaN.
+template <int ROWS, int HD>
+__device__ __forceinline__ void load_tile(f16* dst, int ld, const f16* __restrict__ base, int stride, int row0,
+                                          int n) {
+    constexpr int CHUNKS = HD / 8;
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += blockDim.x) {
+        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (row0 + r < n) v = *reinterpret_cast<const uint4*>(base + (index_t)(row0 + r) * stride + c);
+        *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+}
+

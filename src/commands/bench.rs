@@ -1,0 +1,281 @@
+//! `learn-kern bench embed|kernels` (SPEC §7): throughput of the CUDA embedding engine and of its kernels,
+//! against ceilings measured in the same run. (`bench train` belongs to the training engine.)
+
+use crate::cli::Common;
+use crate::cuda::bench::{EmbedBenchSpec, bench_embed, bench_kernels, random_lengths};
+use crate::device::DeviceRequest;
+use crate::error::input;
+use crate::llm::LlmConfig;
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// Content-embedding throughput: tokens/s, items/s, TFLOP/s against cuBLAS's fp16 GEMM rate, memory.
+    Embed(EmbedBench),
+    /// Each embedding kernel's GB/s or TFLOP/s against the measured copy bandwidth and GEMM rate.
+    Kernels(KernelBench),
+}
+
+/// Items to run: random lengths or a file of them.
+#[derive(Args, Debug)]
+pub struct Items {
+    /// Model shape: tiny, small or baichuan2-7b (random weights made on the GPU).
+    #[arg(long, default_value = "baichuan2-7b")]
+    pub preset: String,
+    /// Real tokens per batch (sequences packed, no padding).
+    #[arg(long, default_value_t = 8192)]
+    pub batch_tokens: usize,
+    /// Number of items (random lengths).
+    #[arg(long, default_value_t = 2048)]
+    pub items: usize,
+    /// Shortest random item, in tokens.
+    #[arg(long, default_value_t = 16)]
+    pub min_len: usize,
+    /// Longest random item, in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    /// Item lengths from a file, one integer per line, instead of random ones.
+    #[arg(long)]
+    pub lengths: Option<PathBuf>,
+    /// Write the lengths used to this file (for the peers in tools/peer/, so they run the same items).
+    #[arg(long)]
+    pub save_lengths: Option<PathBuf>,
+    /// Seed of the lengths, the token ids and the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedBench {
+    #[command(flatten)]
+    pub items: Items,
+    /// Batches run before timing (the longest ones).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct KernelBench {
+    #[command(flatten)]
+    pub items: Items,
+}
+
+/// Reads `--lengths`: one positive integer per line, blank lines ignored.
+fn read_lengths(path: &Path) -> Result<Vec<usize>> {
+    let text = std::fs::read_to_string(path).map_err(|e| input(format!("{}: cannot read ({e})", path.display())))?;
+    let mut lengths = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        match line.parse::<usize>() {
+            Ok(n) if n > 0 => lengths.push(n),
+            _ => {
+                return Err(input(format!(
+                    "{} line {}: expected a positive token count, found {line:?}",
+                    path.display(),
+                    i + 1
+                )));
+            }
+        }
+    }
+    if lengths.is_empty() {
+        return Err(input(format!("{}: holds no lengths", path.display())));
+    }
+    Ok(lengths)
+}
+
+impl Items {
+    /// The config and the item lengths, checked against each other and the token budget.
+    fn resolve(&self) -> Result<(LlmConfig, Vec<usize>)> {
+        let config = LlmConfig::preset(&self.preset)?;
+        let lengths = match &self.lengths {
+            Some(path) => read_lengths(path)?,
+            None => {
+                if self.items == 0 || self.min_len == 0 || self.min_len > self.max_len {
+                    return Err(input(format!(
+                        "--items {} --min-len {} --max-len {}: expected at least one item and 1 ≤ min ≤ max",
+                        self.items, self.min_len, self.max_len
+                    )));
+                }
+                random_lengths(self.items, self.min_len, self.max_len, self.seed)
+            }
+        };
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let limit = config.max_position_embeddings.min(self.batch_tokens);
+        if longest > limit {
+            return Err(input(format!(
+                "an item of {longest} tokens exceeds the {limit} that --batch-tokens {} and the model's {} positions allow",
+                self.batch_tokens, config.max_position_embeddings
+            )));
+        }
+        if let Some(path) = &self.save_lengths {
+            let text: String = lengths.iter().map(|n| format!("{n}\n")).collect();
+            crate::fsutil::write_atomic(path, text.as_bytes())?;
+        }
+        Ok((config, lengths))
+    }
+}
+
+/// The one GPU a benchmark runs on: the first of `--device cuda:N,…`, else 0; the CPU is refused with the
+/// reason the GPU is unusable.
+fn ordinal(common: &Common) -> Result<usize> {
+    let request = DeviceRequest::parse(&common.device)?;
+    if request == DeviceRequest::Cpu {
+        return Err(input("bench measures the CUDA engine; --device cpu has nothing to measure"));
+    }
+    let count = crate::cuda::probe().map_err(|why| anyhow::anyhow!("bench needs a usable CUDA device: {why}"))?;
+    let ordinal = match request {
+        DeviceRequest::Cuda(list) => list[0],
+        _ => 0,
+    };
+    if ordinal >= count {
+        return Err(input(format!("--device: there is no cuda:{ordinal} ({count} device(s) found)")));
+    }
+    Ok(ordinal)
+}
+
+pub fn run(args: &BenchArgs, common: &Common) -> Result<()> {
+    let report = match &args.what {
+        BenchWhat::Embed(bench) => {
+            let (config, lengths) = bench.items.resolve()?;
+            let ordinal = ordinal(common)?;
+            let spec = EmbedBenchSpec {
+                preset: &bench.items.preset,
+                config,
+                lengths: &lengths,
+                batch_tokens: bench.items.batch_tokens,
+                seed: bench.items.seed,
+                warmup_batches: bench.warmup,
+            };
+            let report = bench_embed(ordinal, &spec, common.quiet)?;
+            common.notice(embed_summary(&report));
+            report
+        }
+        BenchWhat::Kernels(bench) => {
+            let (config, lengths) = bench.items.resolve()?;
+            let ordinal = ordinal(common)?;
+            let report = bench_kernels(ordinal, &bench.items.preset, &config, &lengths, bench.items.batch_tokens)?;
+            common.notice(kernels_summary(&report));
+            report
+        }
+    };
+    common.write_json(&report)
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+/// The human-readable lines of a `bench embed` report.
+fn embed_summary(r: &Value) -> String {
+    let gib = |bytes: &Value| bytes.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+    format!(
+        "{} on {}: {} items, {} tokens in {:.2} s\n  {:.0} tokens/s, {:.1} items/s, {:.1} TFLOP/s\n  \
+         cuBLAS fp16 GEMM: {:.1} TFLOP/s peak, {:.1} at the model's shapes → {:.0}% of peak ({:.0}% of the \
+         model's GEMMs); target {:.0} tokens/s\n  padding efficiency {:.2}, batch fill {:.2}\n  memory: weights \
+         {:.2} GiB, activations {:.2} GiB, device in use {:.2} of {:.2} GiB",
+        r["preset"].as_str().unwrap_or("?"),
+        r["device"]["name"].as_str().unwrap_or("?"),
+        r["items"],
+        r["tokens"],
+        num(r, "seconds"),
+        num(r, "tokens_per_s"),
+        num(r, "items_per_s"),
+        num(r, "tflops"),
+        num(r, "gemm_peak_tflops"),
+        num(r, "gemm_model_shapes_tflops"),
+        100.0 * num(r, "fraction_of_gemm_peak"),
+        100.0 * num(r, "fraction_of_model_gemms"),
+        num(r, "target_tokens_per_s"),
+        num(r, "padding_efficiency"),
+        num(r, "batch_fill"),
+        gib(&r["memory"]["weights_bytes"]),
+        gib(&r["memory"]["arena_bytes"]),
+        gib(&r["memory"]["device_used_bytes"]),
+        gib(&r["memory"]["device_total_bytes"]),
+    )
+}
+
+/// The table of a `bench kernels` report.
+fn kernels_summary(r: &Value) -> String {
+    let mut out = format!(
+        "{} kernels on {} ({} tokens, {} sequences): copy {:.0} GB/s, GEMM {:.1} TFLOP/s\n",
+        r["preset"].as_str().unwrap_or("?"),
+        r["device"]["name"].as_str().unwrap_or("?"),
+        r["tokens"],
+        r["sequences"],
+        num(r, "copy_gbps"),
+        num(r, "gemm_peak_tflops")
+    );
+    for k in r["kernels"].as_array().into_iter().flatten() {
+        let name = k["kernel"].as_str().unwrap_or("?");
+        if k.get("gbps").is_some() {
+            out += &format!(
+                "  {name:<18} {:>9.1} µs {:>8.0} GB/s   {:>4.0}% of copy\n",
+                num(k, "us"),
+                num(k, "gbps"),
+                100.0 * num(k, "fraction_of_copy")
+            );
+        } else {
+            out += &format!(
+                "  {name:<18} {:>9.1} µs {:>8.1} TFLOP/s {:>4.0}% of GEMM\n",
+                num(k, "us"),
+                num(k, "tflops"),
+                100.0 * num(k, "fraction_of_gemm_peak")
+            );
+        }
+    }
+    out.trim_end().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_files_are_checked_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lengths.txt");
+        std::fs::write(&path, "16\n\n  40 \n128\n").unwrap();
+        assert_eq!(read_lengths(&path).unwrap(), [16, 40, 128]);
+        std::fs::write(&path, "16\nx\n").unwrap();
+        let err = read_lengths(&path).unwrap_err();
+        assert!(crate::error::is_input_error(&err) && err.to_string().contains("line 2"), "{err}");
+        std::fs::write(&path, "0\n").unwrap();
+        assert!(read_lengths(&path).unwrap_err().to_string().contains("line 1"));
+    }
+
+    #[test]
+    fn items_are_checked_against_the_budget_and_saved_for_the_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("saved.txt");
+        let items = |batch_tokens, max_len, save: Option<PathBuf>| Items {
+            preset: "tiny".into(),
+            batch_tokens,
+            items: 50,
+            min_len: 16,
+            max_len,
+            lengths: None,
+            save_lengths: save,
+            seed: 4,
+        };
+        let (config, lengths) = items(8192, 128, Some(saved.clone())).resolve().unwrap();
+        assert_eq!(config.hidden_size, 128);
+        assert_eq!(lengths.len(), 50);
+        assert!(lengths.iter().all(|n| (16..=128).contains(n)));
+        assert_eq!(read_lengths(&saved).unwrap(), lengths);
+        let err = items(100, 128, None).resolve().unwrap_err();
+        assert!(crate::error::is_input_error(&err) && err.to_string().contains("--batch-tokens 100"), "{err}");
+    }
+}

@@ -1,0 +1,350 @@
+//! `learn-kern bench embed` and `bench kernels` on one GPU (SPEC §7): throughput of the embedding engine and
+//! of each of its kernels, against ceilings measured in the same run (cuBLAS's fp16 GEMM rate, the device's
+//! copy bandwidth), so a figure means the same on a V100 and an H100.
+
+use super::Gpu;
+use super::encoder::CudaEncoder;
+use super::memory::Dev;
+use super::model::GpuModel;
+use super::ops::attention_tiles;
+use crate::embed::batching;
+use crate::embed::encoder::ContentEncoder;
+use crate::llm::LlmConfig;
+use anyhow::Result;
+use cudarc::driver::{CudaEvent, result, sys};
+use half::f16;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
+use std::time::Instant;
+
+/// Item lengths uniform in `min..=max`, from `seed`.
+pub fn random_lengths(count: usize, min: usize, max: usize, seed: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..count).map(|_| rng.random_range(min..=max)).collect()
+}
+
+/// Times `work` on the compute stream with events: `warmup` untimed runs, then the mean of `runs`, in seconds.
+fn time_on_stream(gpu: &Gpu, warmup: usize, runs: usize, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        work()?;
+    }
+    let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end): (CudaEvent, CudaEvent) = (gpu.ctx.new_event(timed)?, gpu.ctx.new_event(timed)?);
+    start.record(&gpu.stream)?;
+    for _ in 0..runs {
+        work()?;
+    }
+    end.record(&gpu.stream)?;
+    gpu.sync()?;
+    Ok(start.elapsed_ms(&end)? as f64 / 1e3 / runs as f64)
+}
+
+/// cuBLAS's fp16 GEMM rate (TFLOP/s) for `y[m, n] = x[m, k] · w[n, k]ᵀ`, on random operands (zeros run
+/// faster than real data on some GPUs).
+pub fn gemm_tflops(gpu: &Gpu, m: usize, n: usize, k: usize) -> Result<f64> {
+    let buffer = gpu.alloc((m * k + n * k + m * n) * 2 + 1024, "GEMM benchmark operands")?;
+    let x: Dev<f16> = buffer.view(0, m * k);
+    let w: Dev<f16> = buffer.view((m * k * 2).next_multiple_of(256), n * k);
+    let y: Dev<f16> = buffer.view((m * k * 2).next_multiple_of(256) + (n * k * 2).next_multiple_of(256), m * n);
+    gpu.fill_uniform_f16(x, 1, 0.0, 2.0)?;
+    gpu.fill_uniform_f16(w, 2, 0.0, 2.0 / (k as f32).sqrt())?;
+    let seconds = time_on_stream(gpu, 3, 10, || gpu.gemm(y, x, w, m, n, k))?;
+    Ok(2.0 * (m * n * k) as f64 / seconds / 1e12)
+}
+
+/// The model's four GEMM shapes at `tokens` rows, weighted by their operations: the rate the linear layers
+/// could reach if every GEMM ran as fast as cuBLAS runs it alone.
+fn model_gemm_tflops(gpu: &Gpu, c: &LlmConfig, tokens: usize) -> Result<f64> {
+    let (d, f) = (c.hidden_size, c.intermediate_size);
+    let shapes = [(3 * d, d), (d, d), (2 * f, d), (d, f)];
+    let mut seconds = 0.0;
+    let mut flops = 0.0;
+    for (n, k) in shapes {
+        let rate = gemm_tflops(gpu, tokens, n, k)?;
+        let work = 2.0 * (tokens * n * k) as f64;
+        flops += work;
+        seconds += work / (rate * 1e12);
+    }
+    Ok(flops / seconds / 1e12)
+}
+
+/// Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written.
+pub fn copy_gbps(gpu: &Gpu, bytes: usize) -> Result<f64> {
+    let buffer = gpu.alloc(2 * bytes, "copy benchmark buffers")?;
+    let (src, dst): (Dev<u8>, Dev<u8>) = (buffer.view(0, bytes), buffer.view(bytes, bytes));
+    gpu.fill_bytes(src, 0x3c)?;
+    let seconds = time_on_stream(gpu, 2, 10, || {
+        // SAFETY: two disjoint ranges of one live buffer, `bytes` each.
+        unsafe { result::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, gpu.stream.cu_stream()) }?;
+        Ok(())
+    })?;
+    Ok(2.0 * bytes as f64 / seconds / 1e9)
+}
+
+fn driver_version() -> i32 {
+    let mut version = 0;
+    // SAFETY: a valid out-pointer, called after the driver was initialised.
+    let _ = unsafe { sys::cuDriverGetVersion(&mut version) };
+    version
+}
+
+fn device_json(gpu: &Gpu) -> Value {
+    let driver = driver_version();
+    json!({
+        "name": gpu.name,
+        "ordinal": gpu.ordinal,
+        "compute_capability": format!("{}.{}", gpu.arch.0, gpu.arch.1),
+        "memory_bytes": gpu.total_memory,
+        "driver": format!("{}.{}", driver / 1000, driver % 1000 / 10),
+        "cublas": gpu.blas.version,
+        "kernels": gpu.kernels.origin,
+    })
+}
+
+/// What `bench embed` measures.
+pub struct EmbedBenchSpec<'a> {
+    pub preset: &'a str,
+    pub config: LlmConfig,
+    pub lengths: &'a [usize],
+    pub batch_tokens: usize,
+    pub seed: u64,
+    pub warmup_batches: usize,
+}
+
+/// Runs the embedding pipeline (pack, upload, forward, pool, download; two slots, two streams) over random
+/// items of the given lengths with random weights made on the device, after measuring the GEMM ceilings.
+pub fn bench_embed(ordinal: usize, spec: &EmbedBenchSpec, quiet: bool) -> Result<Value> {
+    let c = &spec.config;
+    let gpu = Gpu::open(ordinal)?;
+    // The ceilings first, while the memory the model will take is still free.
+    if !quiet {
+        eprintln!("{}: measuring cuBLAS's fp16 GEMM rate…", gpu.describe());
+    }
+    let gemm_peak = gemm_tflops(&gpu, 8192, 8192, 8192)?;
+    let gemm_model = model_gemm_tflops(&gpu, c, spec.batch_tokens)?;
+    let model = GpuModel::random(&gpu, c, spec.seed)?;
+    let mut encoder = CudaEncoder::new(gpu, model, spec.batch_tokens)?;
+
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5eed);
+    let vocab = c.vocab_size as u32;
+    let items: Vec<Vec<u32>> =
+        spec.lengths.iter().map(|&n| (0..n).map(|_| rng.random_range(0..vocab)).collect()).collect();
+    let batches = batching::plan(spec.lengths, spec.batch_tokens);
+    let refs = |batch: &[usize]| batch.iter().map(|&i| items[i].as_slice()).collect::<Vec<_>>();
+    // Warm-up on the longest batches: kernels loaded, cuBLAS heuristics cached, clocks up.
+    for batch in batches.iter().rev().take(spec.warmup_batches) {
+        encoder.encode(&refs(batch))?;
+    }
+    if !quiet {
+        eprintln!("embedding {} items in {} batches…", items.len(), batches.len());
+    }
+    let mut done = Vec::new();
+    let mut finite = true;
+    let started = Instant::now();
+    for batch in &batches {
+        if encoder.submit(&refs(batch), &mut done)? {
+            finite &= done.iter().all(|v| v.is_finite());
+        }
+    }
+    while encoder.flush(&mut done)? {
+        finite &= done.iter().all(|v| v.is_finite());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(finite, "the benchmark produced non-finite embeddings (fp16 overflow in the random model?)");
+
+    let tokens: usize = spec.lengths.iter().sum();
+    let flops: f64 = spec.lengths.iter().map(|&n| c.flops_per_sequence(n) as f64).sum();
+    let per_token = c.flops_per_token() as f64;
+    let tokens_per_s = tokens as f64 / seconds;
+    let memory = encoder.memory();
+    let (free, total) = encoder.gpu().memory()?;
+    Ok(json!({
+        "bench": "embed",
+        "engine": "learn-kern",
+        "preset": spec.preset,
+        "device": device_json(encoder.gpu()),
+        "batch_tokens": spec.batch_tokens,
+        "items": items.len(),
+        "tokens": tokens,
+        "batches": batches.len(),
+        "min_len": spec.lengths.iter().min(),
+        "max_len": spec.lengths.iter().max(),
+        "seconds": seconds,
+        "tokens_per_s": tokens_per_s,
+        "items_per_s": items.len() as f64 / seconds,
+        "tflops": flops / seconds / 1e12,
+        "gflop_per_token": per_token / 1e9,
+        "gemm_peak_tflops": gemm_peak,
+        "gemm_model_shapes_tflops": gemm_model,
+        // The target: tokens/s ≥ 0.8 × (GEMM rate ÷ linear-layer FLOP per token).
+        "fraction_of_gemm_peak": tokens_per_s * per_token / (gemm_peak * 1e12),
+        "fraction_of_model_gemms": tokens_per_s * per_token / (gemm_model * 1e12),
+        "target_tokens_per_s": 0.8 * gemm_peak * 1e12 / per_token,
+        // Packed varlen batches compute no padding; the budget fill says how full the batches are.
+        "padding_efficiency": 1.0,
+        "batch_fill": tokens as f64 / (batches.len() * spec.batch_tokens) as f64,
+        "memory": {
+            "weights_bytes": memory.weights,
+            "arena_bytes": memory.arena,
+            "device_used_bytes": memory.device_used.max(total - free),
+            "device_total_bytes": total,
+        },
+    }))
+}
+
+/// `bench kernels`: each embed kernel at the preset's shapes for a batch of `batch_tokens` tokens of the
+/// given lengths, as GB/s against the measured copy bandwidth (memory-bound kernels) or TFLOP/s against
+/// the GEMM rate (attention, GEMMs).
+pub fn bench_kernels(
+    ordinal: usize,
+    preset: &str,
+    c: &LlmConfig,
+    lengths: &[usize],
+    batch_tokens: usize,
+) -> Result<Value> {
+    let gpu = Gpu::open(ordinal)?;
+    let copy = copy_gbps(&gpu, 1 << 30)?;
+    let gemm_peak = gemm_tflops(&gpu, 8192, 8192, 8192)?;
+    let (d, f, heads, dh) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim());
+    // One batch: the lengths, in order, up to the token budget.
+    let mut offsets = vec![0usize];
+    for &n in lengths {
+        if offsets[offsets.len() - 1] + n > batch_tokens {
+            break;
+        }
+        offsets.push(offsets[offsets.len() - 1] + n);
+    }
+    let (t, s) = (offsets[offsets.len() - 1], offsets.len() - 1);
+    anyhow::ensure!(s > 0, "no item fits --batch-tokens {batch_tokens}");
+    let mut tiles = Vec::new();
+    attention_tiles(&offsets, &mut tiles);
+    let positions: Vec<i32> = offsets.windows(2).flat_map(|w| 0..(w[1] - w[0]) as i32).collect();
+    let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+    let vocab = c.vocab_size.min(32000);
+    let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % vocab) as u32).collect();
+
+    let mut layout = super::memory::Layout::default();
+    let o = [
+        layout.take::<f32>(t * d),              // x
+        layout.take::<f16>(t * d),              // h
+        layout.take::<f16>(t * d),              // delta
+        layout.take::<f16>(t * 3 * d),          // qkv
+        layout.take::<f16>(t * d),              // attention output
+        layout.take::<f16>(t * 2 * f),          // gate_up
+        layout.take::<f16>(t * f),              // act
+        layout.take::<f16>(vocab * d),          // embedding table
+        layout.take::<f32>(d),                  // norm weight
+        layout.take::<[f32; 2]>(4096 * dh / 2), // rope table
+        layout.take::<u32>(t),                  // ids
+        layout.take::<i32>(t),                  // positions
+        layout.take::<i32>(s + 1),              // cu_seqlens
+        layout.take::<[i32; 2]>(tiles.len()),
+        layout.take::<f32>(s * d), // pooled
+        layout.take::<u16>(t * d), // bf16 source for the conversion
+        layout.take::<u32>(1),     // overflow flag
+    ];
+    let buffer = gpu.alloc(layout.bytes(), "kernel benchmark buffers")?;
+    let x: Dev<f32> = buffer.view(o[0], t * d);
+    let h: Dev<f16> = buffer.view(o[1], t * d);
+    let delta: Dev<f16> = buffer.view(o[2], t * d);
+    let qkv: Dev<f16> = buffer.view(o[3], t * 3 * d);
+    let attn: Dev<f16> = buffer.view(o[4], t * d);
+    let gate_up: Dev<f16> = buffer.view(o[5], t * 2 * f);
+    let act: Dev<f16> = buffer.view(o[6], t * f);
+    let table: Dev<f16> = buffer.view(o[7], vocab * d);
+    let norm: Dev<f32> = buffer.view(o[8], d);
+    let rope: Dev<[f32; 2]> = buffer.view(o[9], 4096 * dh / 2);
+    let ids_dev: Dev<u32> = buffer.view(o[10], t);
+    let pos_dev: Dev<i32> = buffer.view(o[11], t);
+    let cu_dev: Dev<i32> = buffer.view(o[12], s + 1);
+    let tiles_dev: Dev<[i32; 2]> = buffer.view(o[13], tiles.len());
+    let pooled: Dev<f32> = buffer.view(o[14], s * d);
+    let bf16_src: Dev<u16> = buffer.view(o[15], t * d);
+    let flag: Dev<u32> = buffer.view(o[16], 1);
+    for (i, dst) in [h, delta, qkv, attn, gate_up, act, table].into_iter().enumerate() {
+        gpu.fill_uniform_f16(dst, 10 + i as u64, 0.0, 2.0)?;
+    }
+    gpu.fill_uniform_f32(x, 20, 0.0, 2.0)?;
+    gpu.fill_uniform_f32(norm, 21, 1.0, 0.5)?;
+    gpu.fill_uniform_f16(bf16_src.cast(), 22, 0.0, 1.0)?; // any bits: a conversion's speed does not depend on them
+    gpu.rope_table(rope, 4096, dh, c.rope_theta as f32)?;
+    gpu.upload(ids_dev, &ids)?;
+    gpu.upload(pos_dev, &positions)?;
+    gpu.upload(cu_dev, &cu)?;
+    gpu.upload(tiles_dev, &tiles)?;
+    gpu.upload(flag, &[0])?;
+    gpu.sync()?;
+
+    let eps = c.rms_norm_eps as f32;
+    let pairs: f64 = offsets.windows(2).map(|w| ((w[1] - w[0]) * (w[1] - w[0] + 1) / 2) as f64).sum();
+    let (td, tf) = ((t * d) as f64, (t * f) as f64);
+    // Each kernel: name, least bytes it must move (each input read once, each output written once), or its
+    // floating-point operations for attention, and the launch.
+    type Launch<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
+    let kernels: Vec<(&str, f64, bool, Launch)> = vec![
+        (
+            "embedding_gather",
+            td * 2.0 + td * 4.0 + t as f64 * 4.0,
+            false,
+            Box::new(|| gpu.embedding_gather(x, table, ids_dev, t, d)),
+        ),
+        (
+            "rmsnorm_residual",
+            td * (4.0 + 2.0 + 4.0 + 2.0),
+            false,
+            Box::new(|| gpu.rmsnorm_residual(x, Some(delta), norm, h, t, d, eps)),
+        ),
+        (
+            "rope_apply",
+            td * 2.0 * 2.0 * 2.0,
+            false,
+            Box::new(|| gpu.rope_apply(qkv, rope, pos_dev, t, 2 * heads, dh, 3 * d)),
+        ),
+        (
+            "attention",
+            4.0 * d as f64 * pairs,
+            true,
+            Box::new(|| gpu.attention(qkv, attn, cu_dev, tiles_dev, tiles.len(), s, heads, dh, t)),
+        ),
+        ("swiglu", tf * (4.0 + 2.0), false, Box::new(|| gpu.swiglu(act, gate_up, t, f))),
+        (
+            "final_norm_pool",
+            td * (4.0 + 2.0) + (s * d * 4) as f64,
+            false,
+            Box::new(|| gpu.final_norm_pool(pooled, x, Some(delta), norm, cu_dev, s, t, d, eps)),
+        ),
+        ("convert_bf16_f16", td * 4.0, false, Box::new(|| gpu.convert_bf16_f16(h, bf16_src, flag))),
+    ];
+    let mut rows = Vec::new();
+    for (name, amount, is_flops, mut launch) in kernels {
+        let seconds = time_on_stream(&gpu, 3, 20, &mut launch)?;
+        let row = if is_flops {
+            let tflops = amount / seconds / 1e12;
+            json!({"kernel": name, "us": seconds * 1e6, "tflops": tflops, "fraction_of_gemm_peak": tflops / gemm_peak})
+        } else {
+            let gbps = amount / seconds / 1e9;
+            json!({"kernel": name, "us": seconds * 1e6, "gbps": gbps, "fraction_of_copy": gbps / copy})
+        };
+        rows.push(row);
+    }
+    drop(buffer);
+    // The layer's GEMMs through cuBLAS at this batch's rows, for comparison with the peak.
+    for (name, n, k) in
+        [("gemm_w_pack", 3 * d, d), ("gemm_o_proj", d, d), ("gemm_gate_up", 2 * f, d), ("gemm_down", d, f)]
+    {
+        let tflops = gemm_tflops(&gpu, t, n, k)?;
+        let us = 2.0 * (t * n * k) as f64 / (tflops * 1e12) * 1e6;
+        rows.push(json!({"kernel": name, "us": us, "tflops": tflops, "fraction_of_gemm_peak": tflops / gemm_peak}));
+    }
+    Ok(json!({
+        "bench": "kernels",
+        "preset": preset,
+        "device": device_json(&gpu),
+        "tokens": t,
+        "sequences": s,
+        "copy_gbps": copy,
+        "gemm_peak_tflops": gemm_peak,
+        "kernels": rows,
+    }))
+}

@@ -1,0 +1,373 @@
+//! The dense all-action InfoNCE loss on the GPU (SPEC §4.2; kernels/infonce.cu): the batch's layout, built
+//! on the host from its lengths and target ids, and the launcher of the four passes.
+//!
+//! The layout numbers queries and columns user by user as src/cpu/infonce.rs does, and gives every user a
+//! bitmask over the columns that are its false negatives (other users' targets whose item id is among its
+//! own): `ceil(columns / 32)` words per user, 5 MB at B = 1024, T = 40, and nothing when false negatives are
+//! kept. Building it costs the host one sort of the column ids and one pass over the banned pairs.
+
+use super::gpu::{Arg, Gpu};
+use super::memory::{Dev, Layout};
+use super::ops::{covers, int};
+use crate::cpu::infonce::LossPositions;
+use anyhow::{Result, anyhow, bail, ensure};
+
+/// Embedding widths (d_out) the kernels are instantiated for.
+pub const INFONCE_WIDTHS: [usize; 2] = [32, 64];
+
+/// Most targets one user may have (NCE_MAX_TARGETS in infonce.cu).
+pub const INFONCE_MAX_TARGETS: usize = 256;
+
+/// Queries and columns per tile (NCE_TILE), threads per block (NCE_THREADS).
+const TILE: usize = 64;
+const THREADS: u32 = 256;
+
+/// Queries, columns and false negatives of one batch, as the kernels read them.
+#[derive(Clone, Debug, Default)]
+pub struct InfoNceLayout {
+    /// Per query: its row of the `[B·H, d]` users, its user.
+    pub q_row: Vec<i32>,
+    pub q_user: Vec<i32>,
+    /// Per column: its row of the `[B·T, d]` items, its user.
+    pub c_row: Vec<i32>,
+    pub c_user: Vec<i32>,
+    /// User i's queries are q_start[i] .. q_start[i+1], its columns c_start[i] .. c_start[i+1].
+    pub q_start: Vec<i32>,
+    pub c_start: Vec<i32>,
+    /// `[B, words]` bits: bit c of user i is set when column c is one of i's false negatives. Empty when
+    /// false negatives are kept.
+    pub ban: Vec<u32>,
+    pub words: usize,
+    /// Valid (i, j, k) triples: the loss is their mean.
+    pub pairs: usize,
+    pub h: usize,
+    pub t: usize,
+}
+
+impl InfoNceLayout {
+    /// The layout of a batch of `hist_len.len()` users padded to `h` history and `t` target positions, with
+    /// `target_ids` `[B, t]`. Lengths must be 1 ..= h and 1 ..= t, as for the CPU reference.
+    pub fn new(
+        hist_len: &[usize],
+        tgt_len: &[usize],
+        target_ids: &[u32],
+        h: usize,
+        t: usize,
+        positions: LossPositions,
+        keep_false_negatives: bool,
+    ) -> Result<Self> {
+        let n = hist_len.len();
+        ensure!(tgt_len.len() == n, "infonce: {n} history lengths but {} target lengths", tgt_len.len());
+        ensure!(target_ids.len() == n * t, "infonce: {} target ids, expected [{n}, {t}]", target_ids.len());
+        ensure!(
+            t <= INFONCE_MAX_TARGETS,
+            "infonce: {t} targets per user; the GPU kernel takes at most {INFONCE_MAX_TARGETS}"
+        );
+        int(n * h.max(t), "infonce rows")?;
+        let mut lay = InfoNceLayout { h, t, q_start: vec![0], c_start: vec![0], ..Default::default() };
+        for (i, (&hi, &ti)) in hist_len.iter().zip(tgt_len).enumerate() {
+            ensure!((1..=h).contains(&hi), "infonce: user {i} has history length {hi}, expected 1..={h}");
+            ensure!((1..=t).contains(&ti), "infonce: user {i} has {ti} targets, expected 1..={t}");
+            let first = match positions {
+                LossPositions::All => 0,
+                LossPositions::Last => hi - 1,
+            };
+            for j in first..hi {
+                lay.q_row.push((i * h + j) as i32);
+                lay.q_user.push(i as i32);
+            }
+            for k in 0..ti {
+                lay.c_row.push((i * t + k) as i32);
+                lay.c_user.push(i as i32);
+            }
+            lay.q_start.push(lay.q_row.len() as i32);
+            lay.c_start.push(lay.c_row.len() as i32);
+            lay.pairs += (hi - first) * ti;
+        }
+        let nc = lay.c_row.len();
+        lay.words = nc.div_ceil(32);
+        if !keep_false_negatives {
+            lay.ban = vec![0; n * lay.words];
+            let id = |c: usize| target_ids[lay.c_row[c] as usize];
+            let mut by_id: Vec<usize> = (0..nc).collect();
+            by_id.sort_unstable_by_key(|&c| (id(c), c));
+            for i in 0..n {
+                let own = lay.c_start[i] as usize..lay.c_start[i + 1] as usize;
+                let mut ids: Vec<u32> = own.map(id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let bits = &mut lay.ban[i * lay.words..(i + 1) * lay.words];
+                for x in ids {
+                    let run = by_id.partition_point(|&c| id(c) < x)..by_id.partition_point(|&c| id(c) <= x);
+                    for &c in &by_id[run] {
+                        if lay.c_user[c] != i as i32 {
+                            bits[c / 32] |= 1 << (c % 32);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(lay)
+    }
+
+    pub fn users(&self) -> usize {
+        self.q_start.len() - 1
+    }
+
+    /// Byte offsets of the arrays in the device copy, and its size.
+    fn plan(&self) -> ([usize; 7], usize) {
+        let mut plan = Layout::default();
+        let offsets = [
+            plan.take::<i32>(self.q_row.len()),
+            plan.take::<i32>(self.q_user.len()),
+            plan.take::<i32>(self.c_row.len()),
+            plan.take::<i32>(self.c_user.len()),
+            plan.take::<i32>(self.q_start.len()),
+            plan.take::<i32>(self.c_start.len()),
+            plan.take::<u32>(self.ban.len()),
+        ];
+        (offsets, plan.bytes())
+    }
+
+    /// Bytes of device memory [`Gpu::upload_infonce_layout`] needs.
+    pub fn device_bytes(&self) -> usize {
+        self.plan().1
+    }
+}
+
+/// A layout on the device: views into memory the caller keeps alive.
+#[derive(Clone, Copy, Debug)]
+pub struct InfoNceDev {
+    q_row: Dev<i32>,
+    q_user: Dev<i32>,
+    c_row: Dev<i32>,
+    c_user: Dev<i32>,
+    q_start: Dev<i32>,
+    c_start: Dev<i32>,
+    ban: Option<Dev<u32>>,
+    users: usize,
+    words: usize,
+    pairs: usize,
+    h: usize,
+    t: usize,
+}
+
+impl InfoNceDev {
+    pub fn queries(&self) -> usize {
+        self.q_row.len()
+    }
+
+    pub fn columns(&self) -> usize {
+        self.c_row.len()
+    }
+
+    pub fn pairs(&self) -> usize {
+        self.pairs
+    }
+}
+
+fn kernel_names(d: usize) -> Option<[&'static str; 3]> {
+    match d {
+        32 => Some(["infonce_lse_d32", "infonce_dq_d32", "infonce_dc_d32"]),
+        64 => Some(["infonce_lse_d64", "infonce_dq_d64", "infonce_dc_d64"]),
+        _ => None,
+    }
+}
+
+/// Dynamic shared memory of the passes for width d: two tiles of rows of d + 1 floats, and for the
+/// gradient passes the 64 × 65 tile of ∂L/∂s.
+fn shared_bytes(d: usize, gradient: bool) -> usize {
+    4 * (2 * TILE * (d + 1) + if gradient { TILE * (TILE + 1) } else { 0 })
+}
+
+impl Gpu {
+    /// Copies `layout` into `region` (at least [`InfoNceLayout::device_bytes`] bytes), ordered on the
+    /// compute stream, and returns the views the launcher takes.
+    pub fn upload_infonce_layout(&self, layout: &InfoNceLayout, region: Dev<u8>) -> Result<InfoNceDev> {
+        let (offsets, bytes) = layout.plan();
+        covers(&region, bytes, "infonce layout")?;
+        let view = |at: usize, len: usize| region.slice(at, len * 4);
+        let arrays = [&layout.q_row, &layout.q_user, &layout.c_row, &layout.c_user, &layout.q_start, &layout.c_start];
+        let mut views = Vec::with_capacity(arrays.len());
+        for (array, &at) in arrays.iter().zip(&offsets) {
+            let dst = view(at, array.len()).cast::<i32>();
+            self.upload(dst, array)?;
+            views.push(dst);
+        }
+        let ban = (!layout.ban.is_empty()).then(|| view(offsets[6], layout.ban.len()).cast::<u32>());
+        if let Some(ban) = ban {
+            self.upload(ban, &layout.ban)?;
+        }
+        Ok(InfoNceDev {
+            q_row: views[0],
+            q_user: views[1],
+            c_row: views[2],
+            c_user: views[3],
+            q_start: views[4],
+            c_start: views[5],
+            ban,
+            users: layout.users(),
+            words: layout.words,
+            pairs: layout.pairs,
+            h: layout.h,
+            t: layout.t,
+        })
+    }
+
+    /// Floats of scratch [`Self::infonce`] needs: g per query and a partial loss per user.
+    pub fn infonce_scratch_len(&self, batch: &InfoNceDev) -> usize {
+        batch.queries() + batch.users
+    }
+
+    /// The InfoNCE loss of the batch into `loss[0]`, N_q of every query into `lse`, and the gradients
+    /// with respect to `users` (`[B, H, d]` fp32) and `items` (`[B, T, d]`) written (not accumulated) to
+    /// `d_users` and `d_items`, zero at padded and unused rows, as `cpu::infonce::infonce` does. `log_q`
+    /// (`[B, T]`) shifts every score when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn infonce(
+        &self,
+        batch: &InfoNceDev,
+        users: Dev<f32>,
+        items: Dev<f32>,
+        log_q: Option<Dev<f32>>,
+        d: usize,
+        tau: f32,
+        loss: Dev<f32>,
+        lse: Dev<f32>,
+        d_users: Dev<f32>,
+        d_items: Dev<f32>,
+        scratch: Dev<f32>,
+    ) -> Result<()> {
+        let Some([lse_kernel, dq_kernel, dc_kernel]) = kernel_names(d) else {
+            bail!("infonce: embedding width {d} has no GPU kernel (they take {INFONCE_WIDTHS:?})");
+        };
+        ensure!(tau > 0.0 && tau.is_finite(), "infonce: tau must be positive, got {tau}");
+        let (b, nq, nc) = (batch.users, batch.queries(), batch.columns());
+        covers(&users, b * batch.h * d, "infonce users")?;
+        covers(&d_users, b * batch.h * d, "infonce d_users")?;
+        covers(&items, b * batch.t * d, "infonce items")?;
+        covers(&d_items, b * batch.t * d, "infonce d_items")?;
+        if let Some(log_q) = &log_q {
+            covers(log_q, b * batch.t, "infonce log q")?;
+        }
+        covers(&loss, 1, "infonce loss")?;
+        covers(&lse, nq, "infonce lse")?;
+        covers(&scratch, self.infonce_scratch_len(batch), "infonce scratch")?;
+        let (g, loss_part) = (scratch.slice(0, nq), scratch.slice(nq, b));
+        self.fill_bytes(d_users.slice(0, b * batch.h * d), 0)?;
+        self.fill_bytes(d_items.slice(0, b * batch.t * d), 0)?;
+        self.fill_bytes(loss.slice(0, 1), 0)?;
+        if b == 0 {
+            return Ok(());
+        }
+        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
+        let shared = shared_bytes(d, true);
+        if shared > self.max_shared_per_block {
+            bail!(
+                "cuda:{}: infonce needs {shared} bytes of shared memory per block; this GPU allows {}",
+                self.ordinal,
+                self.max_shared_per_block
+            );
+        }
+        self.ctx.bind_to_thread()?;
+        for name in [dq_kernel, dc_kernel] {
+            // Above the default 48 KB at d = 64: the opt-in, which every GPU from the V100 on grants.
+            self.kernels.get(name)?.set_attribute(MAX_SHARED, shared as i32)?;
+        }
+        let inv_tau = 1.0 / tau;
+        let ptr = |x: Option<u64>| Arg::Ptr(x.unwrap_or(0));
+        let log_q_arg = ptr(log_q.map(|l| l.ptr()));
+        let ban_arg = ptr(batch.ban.map(|b| b.ptr()));
+        let (nq_arg, nc_arg, words_arg) =
+            (Arg::I32(int(nq, "queries")?), Arg::I32(int(nc, "columns")?), Arg::I32(int(batch.words, "words")?));
+        let (row_tiles, col_tiles) = (u32::try_from(nq.div_ceil(TILE))?, u32::try_from(nc.div_ceil(TILE))?);
+        let layout_args = [
+            Arg::Ptr(users.ptr()),
+            Arg::Ptr(items.ptr()),
+            log_q_arg,
+            Arg::Ptr(batch.q_row.ptr()),
+            Arg::Ptr(batch.q_user.ptr()),
+            Arg::Ptr(batch.c_row.ptr()),
+            Arg::Ptr(batch.c_user.ptr()),
+            ban_arg,
+        ];
+        let mut args = vec![Arg::Ptr(lse.ptr())];
+        args.extend(layout_args);
+        args.extend([nq_arg, nc_arg, words_arg, Arg::F32(inv_tau)]);
+        // SAFETY (all four passes): the layout was built from this batch's lengths (rows below B·H and B·T,
+        // users below B, `words` words of bitmask per user) and every buffer covers what it indexes
+        // (checked above); the dynamic shared memory is what the kernels' tiles take.
+        unsafe { self.launch(lse_kernel, (row_tiles, 1), THREADS, shared_bytes(d, false) as u32, &args)? };
+        let args = [
+            Arg::Ptr(d_users.ptr()),
+            Arg::Ptr(d_items.ptr()),
+            Arg::Ptr(g.ptr()),
+            Arg::Ptr(loss_part.ptr()),
+            Arg::Ptr(users.ptr()),
+            Arg::Ptr(items.ptr()),
+            log_q_arg,
+            Arg::Ptr(batch.q_row.ptr()),
+            Arg::Ptr(batch.c_row.ptr()),
+            Arg::Ptr(batch.q_start.ptr()),
+            Arg::Ptr(batch.c_start.ptr()),
+            Arg::Ptr(lse.ptr()),
+            Arg::I32(d as i32),
+            Arg::F32(inv_tau),
+            Arg::F32((1.0 / batch.pairs as f64) as f32),
+        ];
+        unsafe { self.launch("infonce_pos", (u32::try_from(b)?, 1), THREADS, 0, &args)? };
+        for (name, out, tiles) in [(dq_kernel, d_users, row_tiles), (dc_kernel, d_items, col_tiles)] {
+            let mut args = vec![Arg::Ptr(out.ptr())];
+            args.extend(layout_args);
+            args.extend([Arg::Ptr(lse.ptr()), Arg::Ptr(g.ptr()), nq_arg, nc_arg, words_arg, Arg::F32(inv_tau)]);
+            unsafe { self.launch(name, (tiles, 1), THREADS, shared as u32, &args)? };
+        }
+        self.column_sums(loss, loss_part, b, 1).map_err(|e| anyhow!("infonce loss: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_numbers_queries_and_columns_and_bans_exactly_the_false_negatives() {
+        // Three users padded to h = 3, t = 3; ids 7 and 9 are shared.
+        let (hist, tgt) = ([2usize, 3, 1], [3usize, 1, 2]);
+        let ids = [7u32, 8, 9, /* user 1 */ 9, 0, 0, /* user 2 */ 7, 7, 0];
+        let lay = InfoNceLayout::new(&hist, &tgt, &ids, 3, 3, LossPositions::All, false).unwrap();
+        assert_eq!(lay.q_row, [0, 1, 3, 4, 5, 6]);
+        assert_eq!(lay.q_user, [0, 0, 1, 1, 1, 2]);
+        assert_eq!(lay.c_row, [0, 1, 2, 3, 6, 7]);
+        assert_eq!(lay.c_user, [0, 0, 0, 1, 2, 2]);
+        assert_eq!((lay.q_start.as_slice(), lay.c_start.as_slice()), (&[0, 2, 5, 6][..], &[0, 3, 4, 6][..]));
+        assert_eq!(lay.pairs, 2 * 3 + 3 + 2);
+        assert_eq!(lay.words, 1);
+        // User 0 (7, 8, 9) bans user 1's 9 (column 3) and user 2's 7s (4, 5); user 1 (9) bans user 0's 9
+        // (column 2); user 2 (7) bans user 0's 7 (column 0). Own columns are never in the mask.
+        assert_eq!(lay.ban, [0b111000, 0b000100, 0b000001]);
+
+        let last = InfoNceLayout::new(&hist, &tgt, &ids, 3, 3, LossPositions::Last, true).unwrap();
+        assert_eq!(last.q_row, [1, 5, 6]);
+        assert_eq!(last.pairs, 3 + 1 + 2);
+        assert!(last.ban.is_empty());
+
+        assert!(InfoNceLayout::new(&[0], &[1], &[1, 2], 1, 2, LossPositions::All, false).is_err());
+        assert!(InfoNceLayout::new(&[1], &[3], &[1, 2], 1, 2, LossPositions::All, false).is_err());
+    }
+
+    #[test]
+    fn bitmask_words_cover_every_column() {
+        // 40 users × 5 targets = 200 columns = 7 words, the last one partial; everyone shares id 1.
+        let ids: Vec<u32> = (0..200).map(|c| if c % 5 == 0 { 1 } else { 100 + c }).collect();
+        let lay = InfoNceLayout::new(&[1; 40], &[5; 40], &ids, 1, 5, LossPositions::All, false).unwrap();
+        assert_eq!(lay.words, 7);
+        for i in 0..40 {
+            let bits = &lay.ban[i * 7..(i + 1) * 7];
+            for c in 0..200 {
+                let banned = bits[c / 32] >> (c % 32) & 1 == 1;
+                assert_eq!(banned, c % 5 == 0 && c / 5 != i, "user {i} column {c}");
+            }
+        }
+    }
+}

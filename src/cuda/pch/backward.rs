@@ -1,0 +1,72 @@
+//! The backward pass of [`GpuPch`], as src/pch/backward.rs (dropout 0, no positions, content input):
+//! gradients of `Σ d_out · out` accumulated (`+=`) into the model's gradient buffer.
+//!
+//! Each layer's output gradient arrives as two fp16 halves, the residual path (`d_res`) and the projection
+//! path (`d_proj`, the previous GEMM's input gradient), which the LayerNorm backward adds in fp32, so no pass
+//! only sums them. Layer 0 adds its QKV input gradient onto `d_res` in the GEMM instead: the adaptor's
+//! gradients need the sum itself.
+
+use super::GpuPch;
+use crate::bail_input;
+use crate::cuda::Gpu;
+use crate::cuda::memory::Dev;
+use crate::pch::NORMALIZE_EPS;
+use anyhow::Result;
+
+impl GpuPch {
+    /// Adds to the gradient buffer the gradients of `Σ d_out · out` for the last [`Self::forward`], with
+    /// `d_out` `[rows, d_out]` fp32 in that pass's packed order. Gradients are computed from the
+    /// activations kept in the arena, so a second call adds the same gradients again.
+    pub fn backward(&self, gpu: &Gpu, d_out: Dev<f32>) -> Result<()> {
+        let Some(pass) = self.pass else { bail_input!("GPU PCH backward: no forward pass to differentiate") };
+        let cfg = &self.config;
+        let (d, f, o, heads, rows) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads, pass.rows);
+        if d_out.len() != rows * o {
+            bail_input!("GPU PCH backward: d_out holds {} values, expected {rows} × {o}", d_out.len());
+        }
+        let (map, attn) = self.arena.batch(rows, pass.seqs, pass.len, heads, pass.tiles);
+        let a = &self.arena;
+        let blas = &gpu.blas;
+
+        // Head: normalisation (with the head bias), then the linear layer.
+        let eps = NORMALIZE_EPS as f32;
+        gpu.l2norm_bwd(a.dz, Some(self.grad(self.head_b)), d_out, a.out, a.norms, a.partials, rows, o, eps)?;
+        blas.at_b_acc(self.grad(self.head_w), a.dz, a.last, o, d, rows)?;
+        blas.a_b(a.d_res, a.dz, self.p16(self.head_w), rows, d, o, false)?;
+
+        for (l, (w, c)) in self.layers.iter().zip(&a.layers).enumerate().rev() {
+            // Feed-forward block: d_mid is the gradient of the second residual sum.
+            let d_proj = (l + 1 < cfg.n_layers).then_some(a.d_proj);
+            let (gw, gb, gbias) = (self.grad(w.ffn_norm_w), self.grad(w.ffn_norm_b), Some(self.grad(w.down_b)));
+            let nw = self.p32(w.ffn_norm_w);
+            gpu.layernorm_bwd(a.d_mid, gw, gb, gbias, a.d_res, d_proj, c.xhat2, c.rstd2, nw, a.partials, rows, d)?;
+            blas.at_b_acc(self.grad(w.down_w), a.d_mid, c.g, d, f, rows)?;
+            blas.a_b(a.dg, a.d_mid, self.p16(w.down_w), rows, f, d, false)?;
+            gpu.gelu_bias_bwd(a.dg, self.grad(w.up_b), a.dg, c.u, a.partials, rows, f)?;
+            blas.at_b_acc(self.grad(w.up_w), a.dg, c.x1, f, d, rows)?;
+            blas.a_b(a.d_proj, a.dg, self.p16(w.up_w), rows, d, f, false)?;
+
+            // Attention block: d_res becomes the gradient of the first residual sum.
+            let (gw, gb, gbias) = (self.grad(w.attn_norm_w), self.grad(w.attn_norm_b), Some(self.grad(w.out_b)));
+            let nw = self.p32(w.attn_norm_w);
+            let (xhat, rstd) = (c.xhat1, c.rstd1);
+            gpu.layernorm_bwd(a.d_res, gw, gb, gbias, a.d_mid, Some(a.d_proj), xhat, rstd, nw, a.partials, rows, d)?;
+            blas.at_b_acc(self.grad(w.out_w), a.d_res, c.ctx, d, d, rows)?;
+            blas.a_b(a.d_proj, a.d_res, self.p16(w.out_w), rows, d, d, false)?;
+            gpu.rows_to_heads(a.d_mid, a.d_proj, None, &map, heads, d, 0)?;
+            let (o_heads, q, k, v) = (c.o, c.q, c.k, c.v);
+            gpu.masked_attention_bwd(a.dq, a.dk, a.dv, a.delta, a.d_mid, o_heads, q, k, v, c.lse, &attn, pass.mask)?;
+            for (part, src) in [a.dq, a.dk, a.dv].into_iter().enumerate() {
+                gpu.heads_to_rows(a.qkv, src, &map, heads, 3 * d, part * d)?;
+            }
+            blas.at_b_acc(self.grad(w.qkv_b), a.ones, a.qkv, 1, 3 * d, rows)?;
+            blas.at_b_acc(self.grad(w.qkv_w), a.qkv, c.x, 3 * d, d, rows)?;
+            let (dst, add) = if l == 0 { (a.d_res, true) } else { (a.d_proj, false) };
+            blas.a_b(dst, a.qkv, self.p16(w.qkv_w), rows, d, 3 * d, add)?;
+        }
+
+        // The adaptor, from the full gradient of its output.
+        blas.at_b_acc(self.grad(self.adaptor_w), a.d_res, a.input, d, cfg.d_content, rows)?;
+        blas.at_b_acc(self.grad(self.adaptor_b), a.ones, a.d_res, 1, d, rows)
+    }
+}

@@ -1,0 +1,258 @@
+//! The PCH tower (SPEC §3) on the GPU, forward and backward, against the CPU reference in `crate::pch`.
+//!
+//! Parameters live in one buffer in the canonical flat layout of [`PchParams`]: fp32 masters (LayerNorm and
+//! bias kernels read them), their fp16 copy (the GEMMs' operands; `adam_step` refreshes it) and fp32
+//! gradients, which the backward accumulates. Activations live in an [`arena::Arena`] sized once for a
+//! largest batch. Only the valid positions are computed, packed as the CPU reference packs them. Per layer:
+//! ```text
+//! qkv = x · Wqkvᵀ                      cuBLAS; the bias is added by the permute to the head-major q, k, v
+//! o = masked attention(q, k, v)        ctx = o with heads merged
+//! x1 = LN(x + ctx · Woutᵀ + bout)      cuBLAS, then LayerNorm with the residual and bias fused
+//! g = gelu(x1 · Wupᵀ + bup)            cuBLAS, then the bias + GELU kernel
+//! y = LN(x1 + g · Wdownᵀ + bdown)
+//! ```
+//! then `e = normalize(y · headᵀ + b)` in fp32. Every GEMM is fp16 in, fp32 accumulate.
+
+mod arena;
+mod backward;
+mod layout;
+
+pub use layout::GpuContent;
+
+use super::Gpu;
+use super::memory::{Dev, DeviceBuffer, Layout};
+use super::ops::attention_tiles;
+use crate::bail_input;
+use crate::pch::params::{LayerTensors, Tensors, assemble};
+use crate::pch::{InputKind, MaskKind, NORMALIZE_EPS, PchBatchShape, PchConfig, PchParams, Positions};
+use anyhow::{Context, Result, ensure};
+use arena::Arena;
+use half::f16;
+
+/// One tensor's place in the flat parameter layout.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    offset: usize,
+    len: usize,
+}
+
+/// One layer's tensors, in canonical order.
+type LayerSlots = LayerTensors<Slot>;
+
+/// What the last forward pass ran, for the backward.
+#[derive(Clone, Copy, Debug)]
+struct Pass {
+    rows: usize,
+    seqs: usize,
+    len: usize,
+    tiles: usize,
+    mask: MaskKind,
+}
+
+/// A PCH model on one GPU with the activations of its last forward pass.
+pub struct GpuPch {
+    config: PchConfig,
+    params: Dev<f32>,
+    params16: Dev<f16>,
+    grads: Dev<f32>,
+    adaptor_w: Slot,
+    adaptor_b: Slot,
+    layers: Vec<LayerSlots>,
+    head_w: Slot,
+    head_b: Slot,
+    arena: Arena,
+    pass: Option<Pass>,
+    _weights: DeviceBuffer,
+}
+
+impl GpuPch {
+    /// Uploads `params` (gradients start at zero) and allocates the arena for batches of at most `max_rows`
+    /// valid positions in `max_seqs` sequences. Refuses what the kernels do not implement: dropout, learned
+    /// positions, item-id input, heads other than 64 wide, widths that are not multiples of 8.
+    pub fn new(gpu: &Gpu, params: &PchParams<f32>, max_rows: usize, max_seqs: usize) -> Result<Self> {
+        let cfg = params.config().clone();
+        check_config(&cfg)?;
+        ensure!(max_rows > 0 && max_seqs > 0, "GPU PCH: an arena for {max_rows} rows in {max_seqs} sequences");
+        let n = params.flat().len();
+        let mut plan = Layout::default();
+        let (p32, p16, g32) = (plan.take::<f32>(n), plan.take::<f16>(n), plan.take::<f32>(n));
+        let weights = gpu.alloc(plan.bytes(), "the PCH parameters and gradients")?;
+        let mut slots = Vec::new();
+        let mut offset = 0;
+        for (_, _, t) in params.tensors() {
+            slots.push(Slot { offset, len: t.len() });
+            offset += t.len();
+        }
+        // Grouped as the CPU model groups them; check_config refused every input without an adaptor bias.
+        let Tensors { embed: adaptor_w, embed_b, layers, head_w, head_b, .. } = assemble(&cfg, slots.into_iter());
+        let adaptor_b = embed_b.context("GPU PCH: a content model has an adaptor bias")?;
+        let model = GpuPch {
+            params: weights.view(p32, n),
+            params16: weights.view(p16, n),
+            grads: weights.view(g32, n),
+            adaptor_w,
+            adaptor_b,
+            layers,
+            head_w,
+            head_b,
+            arena: Arena::new(gpu, &cfg, max_rows, max_seqs)?,
+            pass: None,
+            config: cfg,
+            _weights: weights,
+        };
+        gpu.upload(model.params, params.flat())?;
+        let halves: Vec<f16> = params.flat().iter().map(|&v| f16::from_f32(v)).collect();
+        gpu.upload(model.params16, &halves)?;
+        model.zero_grads(gpu)?;
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &PchConfig {
+        &self.config
+    }
+
+    /// The fp32 masters, their fp16 copy and the gradients, flat in [`PchParams`] order: what
+    /// `Gpu::adam_step` updates.
+    pub fn buffers(&self) -> (Dev<f32>, Dev<f16>, Dev<f32>) {
+        (self.params, self.params16, self.grads)
+    }
+
+    /// Bytes of the activation arena.
+    pub fn arena_bytes(&self) -> usize {
+        self.arena.bytes()
+    }
+
+    pub fn zero_grads(&self, gpu: &Gpu) -> Result<()> {
+        gpu.fill_bytes(self.grads, 0)
+    }
+
+    /// The accumulated gradients, in the parameters' layout.
+    pub fn download_grads(&self, gpu: &Gpu) -> Result<PchParams<f32>> {
+        let mut out = PchParams::zeros(&self.config)?;
+        out.flat_mut().copy_from_slice(&gpu.download(self.grads)?);
+        Ok(out)
+    }
+
+    fn p32(&self, s: Slot) -> Dev<f32> {
+        self.params.slice(s.offset, s.len)
+    }
+
+    fn p16(&self, s: Slot) -> Dev<f16> {
+        self.params16.slice(s.offset, s.len)
+    }
+
+    fn grad(&self, s: Slot) -> Dev<f32> {
+        self.grads.slice(s.offset, s.len)
+    }
+
+    /// Runs the model over a right-padded batch of content `[B, L, d_content]`: returns the outputs of the
+    /// valid positions, packed in (sequence, position) order, `[rows, d_out]` fp32 (unit rows), and keeps
+    /// the activations for [`Self::backward`]. The result lives in the arena until the next forward.
+    pub fn forward(
+        &mut self,
+        gpu: &Gpu,
+        content: GpuContent,
+        shape: &PchBatchShape,
+        mask: MaskKind,
+    ) -> Result<Dev<f32>> {
+        self.pass = None;
+        let cfg = &self.config;
+        let (d, f, o, heads) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads);
+        let pass = self.upload_batch(gpu, content.len(), shape, mask)?;
+        let (map, attn) = self.arena.batch(pass.rows, pass.seqs, pass.len, heads, pass.tiles);
+        let (a, rows, eps) = (&self.arena, pass.rows, cfg.ln_eps as f32);
+
+        // Adaptor: x0 = fp16(bias + content · Wᵀ), the bias as a rank-1 product so that x0 is rounded once.
+        let x0 = a.layers[0].x;
+        gpu.pack_rows(a.input, content, &map, cfg.d_content)?;
+        gpu.blas.a_b(x0, a.ones, self.p16(self.adaptor_b), rows, d, 1, false)?;
+        gpu.blas.a_bt(x0, a.input, self.p16(self.adaptor_w), rows, d, cfg.d_content, true)?;
+
+        for (l, (w, c)) in self.layers.iter().zip(&a.layers).enumerate() {
+            gpu.blas.a_bt(a.qkv, c.x, self.p16(w.qkv_w), rows, 3 * d, d, false)?;
+            for (part, dst) in [c.q, c.k, c.v].into_iter().enumerate() {
+                let bias = self.p32(w.qkv_b).slice(part * d, d);
+                gpu.rows_to_heads(dst, a.qkv, Some(bias), &map, heads, 3 * d, part * d)?;
+            }
+            gpu.masked_attention_fwd(c.o, c.lse, c.q, c.k, c.v, &attn, mask)?;
+            gpu.heads_to_rows(c.ctx, c.o, &map, heads, d, 0)?;
+            gpu.blas.a_bt(a.proj, c.ctx, self.p16(w.out_w), rows, d, d, false)?;
+            let (nw, nb, bias) = (self.p32(w.attn_norm_w), self.p32(w.attn_norm_b), self.p32(w.out_b));
+            gpu.layernorm_fwd(c.x1, c.xhat1, c.rstd1, c.x, Some(a.proj), Some(bias), nw, nb, rows, d, eps)?;
+            gpu.blas.a_bt(c.u, c.x1, self.p16(w.up_w), rows, f, d, false)?;
+            gpu.gelu_bias_fwd(c.g, c.u, self.p32(w.up_b), rows, f)?;
+            gpu.blas.a_bt(a.proj, c.g, self.p16(w.down_w), rows, d, f, false)?;
+            let y = a.layers.get(l + 1).map_or(a.last, |next| next.x);
+            let (nw, nb, bias) = (self.p32(w.ffn_norm_w), self.p32(w.ffn_norm_b), self.p32(w.down_b));
+            gpu.layernorm_fwd(y, c.xhat2, c.rstd2, c.x1, Some(a.proj), Some(bias), nw, nb, rows, d, eps)?;
+        }
+
+        gpu.blas.a_bt(a.z, a.last, self.p16(self.head_w), rows, o, d, false)?;
+        let bias = Some(self.p32(self.head_b));
+        gpu.l2norm_fwd(a.out, a.norms, a.z, bias, rows, o, NORMALIZE_EPS as f32)?;
+        self.pass = Some(pass);
+        Ok(a.out.slice(0, rows * o))
+    }
+
+    /// Checks a batch against the model and the arena, and uploads its row map and attention tiles.
+    fn upload_batch(&self, gpu: &Gpu, content_len: usize, shape: &PchBatchShape, mask: MaskKind) -> Result<Pass> {
+        let (b, l) = (shape.batch, shape.len);
+        if b == 0 || l == 0 || shape.lengths.len() != b {
+            bail_input!("GPU PCH: a batch of {b} × {l} positions with {} lengths", shape.lengths.len());
+        }
+        if let Some(s) = shape.lengths.iter().position(|&n| n > l) {
+            bail_input!("GPU PCH: sequence {s} has length {} beyond the padded length {l}", shape.lengths[s]);
+        }
+        let dc = self.config.d_content;
+        if content_len != b * l * dc {
+            bail_input!("GPU PCH: content holds {content_len} values, expected {b} × {l} × d_content {dc}");
+        }
+        let rows: usize = shape.lengths.iter().sum();
+        let (max_rows, max_seqs) = (self.arena.max_rows, self.arena.max_seqs);
+        if rows > max_rows || b > max_seqs {
+            bail_input!(
+                "GPU PCH: a batch of {rows} positions in {b} sequences; the arena holds {max_rows} in {max_seqs}"
+            );
+        }
+        let valid: Vec<i32> = shape.valid_rows().map(|r| r as i32).collect();
+        let mut offsets = vec![0usize];
+        offsets.extend(shape.lengths.iter().scan(0, |at, &n| {
+            *at += n;
+            Some(*at)
+        }));
+        let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+        let mut tiles = Vec::new();
+        attention_tiles(&offsets, &mut tiles);
+        gpu.upload(self.arena.valid, &valid)?;
+        gpu.upload(self.arena.cu_seqlens, &cu)?;
+        gpu.upload(self.arena.tiles, &tiles)?;
+        Ok(Pass { rows, seqs: b, len: l, tiles: tiles.len(), mask })
+    }
+}
+
+/// What the GPU tower implements; the rest is refused with the reason.
+fn check_config(cfg: &PchConfig) -> Result<()> {
+    cfg.validate()?;
+    let hd = super::attention_train::MASKED_ATTENTION_HEAD_DIM;
+    if cfg.input != InputKind::Content {
+        bail_input!("the GPU PCH tower takes content embeddings only (input = \"content\"), not item ids");
+    }
+    if cfg.positions != Positions::None {
+        bail_input!("the GPU PCH tower has no learned positions yet (positions = \"none\" only)");
+    }
+    if cfg.dropout != 0.0 {
+        bail_input!("the GPU PCH tower has no dropout (dropout {} given, 0 only)", cfg.dropout);
+    }
+    if cfg.d_model != cfg.n_heads * hd {
+        bail_input!("the GPU PCH tower needs heads of {hd}: d_model {} with {} heads", cfg.d_model, cfg.n_heads);
+    }
+    if [cfg.d_content, cfg.d_ff, cfg.d_out].iter().any(|w| !w.is_multiple_of(8)) {
+        bail_input!(
+            "the GPU PCH tower needs d_content ({}), d_ff ({}) and d_out ({}) to be multiples of 8",
+            cfg.d_content,
+            cfg.d_ff,
+            cfg.d_out
+        );
+    }
+    Ok(())
+}

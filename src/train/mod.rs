@@ -1,0 +1,7 @@
+//! PCH training (SPEC §4): samples, the dense all-action InfoNCE loss, Adam and the schedule, checkpoints.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod optim;
+pub mod run;
+pub mod schedule;

@@ -1,0 +1,685 @@
+//! The PCH training kernels against the CPU reference (src/cpu, src/train/optim.rs), on fresh random inputs,
+//! outputs poisoned (NaN) before the kernels write them with a guard after them that must survive. Gradients
+//! the kernels accumulate (`+=`) start from random values, as the reference's do. Without a GPU each test
+//! says why and skips.
+
+mod cuda_support;
+
+use cuda_support::{
+    F16_HALF_ULP, F16_TINY, assert_close, f16_tol, f16s, gpu, poisoned, read, rng, uniform, upload, widen,
+};
+use half::f16;
+use learn_kern::cpu;
+use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
+use learn_kern::cpu::masked_attention::{Heads, MaskKind, Varlen};
+use learn_kern::cuda::Gpu;
+use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM};
+use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout};
+use learn_kern::cuda::memory::{Dev, DeviceBuffer};
+use learn_kern::cuda::ops::attention_tiles;
+use learn_kern::cuda::train_ops::{AdamStats, AdamStep};
+use learn_kern::train::optim::{Adam, AdamConfig, clip_grad_norm};
+use rand::RngExt;
+
+fn f64s(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
+}
+
+/// `data` in a poisoned buffer: the guard after it shows whether a kernel that accumulates into it wrote
+/// past its end.
+fn poisoned_with<T: bytemuck::Pod>(gpu: &Gpu, data: &[T]) -> (DeviceBuffer, Dev<T>) {
+    let (buf, view) = poisoned::<T>(gpu, data.len());
+    gpu.upload(view, data).unwrap();
+    (buf, view)
+}
+
+/// An absolute tolerance of `rel` times the largest magnitude of `want`, plus fp16 rounding of each value.
+fn scaled_f16_tol(want: &[f64], rel: f64) -> impl Fn(f64) -> f64 {
+    let scale = want.iter().fold(0.0f64, |a, w| a.max(w.abs()));
+    move |w: f64| w.abs() * F16_HALF_ULP + rel * scale + F16_TINY
+}
+
+#[test]
+fn layernorm_forward_and_backward_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("layernorm");
+    // 136: one warp with idle lanes; 768: PCH-base; 1032: threads with idle lanes across several warps. The
+    // row counts leave a partial last block in the two-pass reductions.
+    for (rows, dim) in [(53, 136), (1000, 768), (77, 1032)] {
+        let eps = 1e-12;
+        let x = f16s(&uniform(&mut rng, rows * dim, 3.0).iter().map(|v| v + 0.7).collect::<Vec<_>>());
+        let delta = f16s(&uniform(&mut rng, rows * dim, 2.0));
+        let delta_bias = uniform(&mut rng, dim, 0.5);
+        let w: Vec<f32> = (0..dim).map(|_| 0.5 + rng.random::<f32>()).collect();
+        let b = uniform(&mut rng, dim, 0.3);
+        let (_x, x_dev) = upload(&gpu, &x);
+        let (_d, delta_dev) = upload(&gpu, &delta);
+        let (_db, delta_bias_dev) = upload(&gpu, &delta_bias);
+        let (_w, w_dev) = upload(&gpu, &w);
+        let (_b, b_dev) = upload(&gpu, &b);
+        let (y_buf, y) = poisoned::<f16>(&gpu, rows * dim);
+        let (xhat_buf, xhat) = poisoned::<f16>(&gpu, rows * dim);
+        let (rstd_buf, rstd) = poisoned::<f32>(&gpu, rows);
+        gpu.layernorm_fwd(y, xhat, rstd, x_dev, Some(delta_dev), Some(delta_bias_dev), w_dev, b_dev, rows, dim, eps)
+            .unwrap();
+        let got_y = widen(&read(&gpu, &y_buf, y, "layernorm y"));
+        let got_xhat = read(&gpu, &xhat_buf, xhat, "layernorm xhat");
+        let got_rstd = read(&gpu, &rstd_buf, rstd, "layernorm rstd");
+
+        // The same fp32 additions in the same order as the kernel, then the reference.
+        let sum: Vec<f32> = (0..rows * dim).map(|i| x[i].to_f32() + delta[i].to_f32() + delta_bias[i % dim]).collect();
+        let (mut want_y, mut want_xhat, mut want_rstd) =
+            (vec![f32::NAN; rows * dim], vec![f32::NAN; rows * dim], vec![f32::NAN; rows]);
+        cpu::layernorm::forward(&mut want_y, &mut want_xhat, &mut want_rstd, &sum, &w, &b, rows, dim, eps as f64);
+        let what = format!("layernorm {rows}×{dim}");
+        assert_close(&got_y, &f64s(&want_y), f16_tol(1e-5), &format!("{what} y"));
+        assert_close(&widen(&got_xhat), &f64s(&want_xhat), f16_tol(1e-5), &format!("{what} xhat"));
+        assert_close(&got_rstd, &f64s(&want_rstd), |w| 1e-5 * w.abs(), &format!("{what} rstd"));
+
+        // Backward from the kernel's own saved state (the reference is given the same fp16 xhat).
+        let dy = f16s(&uniform(&mut rng, rows * dim, 1.0));
+        let dy2 = f16s(&uniform(&mut rng, rows * dim, 1.0));
+        let (prior_w, prior_b, prior_d) =
+            (uniform(&mut rng, dim, 1.0), uniform(&mut rng, dim, 1.0), uniform(&mut rng, dim, 1.0));
+        let (_dy, dy_dev) = upload(&gpu, &dy);
+        let (_dy2, dy2_dev) = upload(&gpu, &dy2);
+        let (dx_buf, dx) = poisoned::<f16>(&gpu, rows * dim);
+        let (dw_buf, dw) = poisoned_with(&gpu, &prior_w);
+        let (db_buf, db) = poisoned_with(&gpu, &prior_b);
+        let (dd_buf, dd) = poisoned_with(&gpu, &prior_d);
+        let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 3));
+        gpu.layernorm_bwd(dx, dw, db, Some(dd), dy_dev, Some(dy2_dev), xhat, rstd, w_dev, scratch, rows, dim).unwrap();
+        let got_dx = widen(&read(&gpu, &dx_buf, dx, "layernorm dx"));
+
+        let dy_sum: Vec<f32> = dy.iter().zip(&dy2).map(|(a, b)| a.to_f32() + b.to_f32()).collect();
+        let (mut want_dx, mut want_dw, mut want_db, mut want_dd) =
+            (vec![f32::NAN; rows * dim], prior_w.clone(), prior_b.clone(), prior_d.clone());
+        let xhat32 = widen(&got_xhat);
+        cpu::layernorm::backward(&mut want_dx, &mut want_dw, &mut want_db, &dy_sum, &xhat32, &got_rstd, &w, rows, dim);
+        cpu::linear::add_column_sums(&mut want_dd, &want_dx, rows, dim);
+        let want_dx = f64s(&want_dx);
+        assert_close(&got_dx, &want_dx, scaled_f16_tol(&want_dx, 1e-5), &format!("{what} dx"));
+        // Sums over the rows in another grouping: fp32 rounding of about log2(rows) additions.
+        let sum_tol = |w: f64| 1e-5 * (w.abs() + 1.0) * (rows as f64).sqrt();
+        assert_close(&read(&gpu, &dw_buf, dw, "dw"), &f64s(&want_dw), sum_tol, &format!("{what} dw"));
+        assert_close(&read(&gpu, &db_buf, db, "db"), &f64s(&want_db), sum_tol, &format!("{what} db"));
+        assert_close(&read(&gpu, &dd_buf, dd, "d bias"), &f64s(&want_dd), sum_tol, &format!("{what} d delta bias"));
+    }
+}
+
+#[test]
+fn layernorm_without_residual_and_reductions_repeat_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("layernorm plain");
+    let (rows, dim) = (300, 264);
+    let x = f16s(&uniform(&mut rng, rows * dim, 2.0));
+    let w: Vec<f32> = (0..dim).map(|_| 0.5 + rng.random::<f32>()).collect();
+    let b = uniform(&mut rng, dim, 0.3);
+    let (_x, x_dev) = upload(&gpu, &x);
+    let (_w, w_dev) = upload(&gpu, &w);
+    let (_b, b_dev) = upload(&gpu, &b);
+    let (y_buf, y) = poisoned::<f16>(&gpu, rows * dim);
+    let (_h, xhat) = poisoned::<f16>(&gpu, rows * dim);
+    let (_r, rstd) = poisoned::<f32>(&gpu, rows);
+    gpu.layernorm_fwd(y, xhat, rstd, x_dev, None, None, w_dev, b_dev, rows, dim, 1e-5).unwrap();
+    let got = widen(&read(&gpu, &y_buf, y, "layernorm y"));
+    let (mut want, mut want_xhat, mut want_rstd) = (vec![f32::NAN; rows * dim], vec![0.0; rows * dim], vec![0.0; rows]);
+    cpu::layernorm::forward(&mut want, &mut want_xhat, &mut want_rstd, &widen(&x), &w, &b, rows, dim, 1e-5);
+    assert_close(&got, &f64s(&want), f16_tol(1e-5), "layernorm without residual");
+
+    let dy = f16s(&uniform(&mut rng, rows * dim, 1.0));
+    let (_dy, dy_dev) = upload(&gpu, &dy);
+    let run = || {
+        let (_dx, dx) = poisoned::<f16>(&gpu, rows * dim);
+        let (_w, dw) = poisoned_with(&gpu, &vec![0.0f32; dim]);
+        let (_b, db) = poisoned_with(&gpu, &vec![0.0f32; dim]);
+        let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 3));
+        gpu.layernorm_bwd(dx, dw, db, None, dy_dev, None, xhat, rstd, w_dev, scratch, rows, dim).unwrap();
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (gpu.download(dx).unwrap(), bits(gpu.download(dw).unwrap()), bits(gpu.download(db).unwrap()))
+    };
+    let first = run();
+    assert!(first.0.iter().all(|v| v.is_finite()));
+    assert_eq!(first, run(), "the backward is not deterministic");
+}
+
+#[test]
+fn gelu_with_bias_matches_the_cpu_forward_and_backward() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("gelu");
+    for (rows, cols) in [(37, 3072), (301, 40), (5, 2056)] {
+        let u = f16s(&uniform(&mut rng, rows * cols, 5.0));
+        let bias = uniform(&mut rng, cols, 1.0);
+        let (pre_buf, pre) = poisoned_with(&gpu, &u);
+        let (_b, bias_dev) = upload(&gpu, &bias);
+        let (act_buf, act) = poisoned::<f16>(&gpu, rows * cols);
+        gpu.gelu_bias_fwd(act, pre, bias_dev, rows, cols).unwrap();
+        let got_pre = read(&gpu, &pre_buf, pre, "gelu pre");
+        let want_pre: Vec<f16> = (0..rows * cols).map(|i| f16::from_f32(u[i].to_f32() + bias[i % cols])).collect();
+        assert_eq!(got_pre, want_pre, "the bias add is one fp32 addition and one fp16 rounding");
+        let pre32 = widen(&got_pre);
+        let mut want = vec![f32::NAN; rows * cols];
+        cpu::gelu::forward(&mut want, &pre32);
+        // CUDA's erff is within 2 ulp, the reference's within two epsilons: 1e-6 relative covers both.
+        let what = format!("gelu {rows}×{cols}");
+        assert_close(&widen(&read(&gpu, &act_buf, act, "gelu")), &f64s(&want), f16_tol(1e-6), &what);
+
+        let dact = f16s(&uniform(&mut rng, rows * cols, 1.0));
+        let prior = uniform(&mut rng, cols, 1.0);
+        // In place, as the training step runs it: the gradient overwrites dact.
+        let (d_buf, d) = poisoned_with(&gpu, &dact);
+        let (dbias_buf, dbias) = poisoned_with(&gpu, &prior);
+        let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, cols, 1));
+        gpu.gelu_bias_bwd(d, dbias, d, pre, scratch, rows, cols).unwrap();
+        let mut want_d = widen(&dact);
+        cpu::gelu::backward_in_place(&mut want_d, &pre32);
+        let mut want_dbias = prior.clone();
+        cpu::linear::add_column_sums(&mut want_dbias, &want_d, rows, cols);
+        assert_close(
+            &widen(&read(&gpu, &d_buf, d, "gelu dpre")),
+            &f64s(&want_d),
+            f16_tol(2e-6),
+            &format!("{what} dpre"),
+        );
+        let sum_tol = |w: f64| 1e-5 * (w.abs() + 1.0) * (rows as f64).sqrt();
+        assert_close(
+            &read(&gpu, &dbias_buf, dbias, "gelu dbias"),
+            &f64s(&want_dbias),
+            sum_tol,
+            &format!("{what} dbias"),
+        );
+    }
+}
+
+#[test]
+fn l2norm_with_bias_matches_the_cpu_forward_and_backward() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("l2norm");
+    // A large eps clamps some rows, exercising both branches of the backward (as the reference's test does).
+    for (rows, dim, eps) in [(1000, 64, 1e-12f32), (45, 200, 1e-12), (200, 64, 3.0)] {
+        let mut z = f16s(&uniform(&mut rng, rows * dim, 1.0));
+        let bias = uniform(&mut rng, dim, 0.2);
+        if eps < 1.0 {
+            // Row 3: exactly zero after the bias, so its norm is below eps.
+            for c in 0..dim {
+                z[3 * dim + c] = f16::from_f32(-bias[c]);
+            }
+        }
+        let (_z, z_dev) = upload(&gpu, &z);
+        let (_b, bias_dev) = upload(&gpu, &bias);
+        let (y_buf, y) = poisoned::<f32>(&gpu, rows * dim);
+        let (n_buf, norms) = poisoned::<f32>(&gpu, rows);
+        gpu.l2norm_fwd(y, norms, z_dev, Some(bias_dev), rows, dim, eps).unwrap();
+        let zb: Vec<f32> = (0..rows * dim).map(|i| z[i].to_f32() + bias[i % dim]).collect();
+        let (mut want_y, mut want_norms) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows]);
+        cpu::l2norm::forward(&mut want_y, &mut want_norms, &zb, rows, dim, eps as f64);
+        let what = format!("l2norm {rows}×{dim} eps {eps}");
+        let tol = |w: f64| 2e-6 * w.abs() + 1e-7;
+        assert_close(&read(&gpu, &y_buf, y, "l2norm y"), &f64s(&want_y), tol, &format!("{what} y"));
+        assert_close(&read(&gpu, &n_buf, norms, "norms"), &f64s(&want_norms), tol, &format!("{what} norms"));
+
+        let dy = uniform(&mut rng, rows * dim, 1.0);
+        let prior = uniform(&mut rng, dim, 1.0);
+        let (_dy, dy_dev) = upload(&gpu, &dy);
+        let (dz_buf, dz) = poisoned::<f16>(&gpu, rows * dim);
+        let (dbias_buf, dbias) = poisoned_with(&gpu, &prior);
+        let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 1));
+        gpu.l2norm_bwd(dz, Some(dbias), dy_dev, y, norms, scratch, rows, dim, eps).unwrap();
+        let mut want_dz = vec![f32::NAN; rows * dim];
+        cpu::l2norm::backward(&mut want_dz, &dy, &want_y, &want_norms, rows, dim, eps as f64);
+        let mut want_dbias = prior.clone();
+        cpu::linear::add_column_sums(&mut want_dbias, &want_dz, rows, dim);
+        let mut got_dz = widen(&read(&gpu, &dz_buf, dz, "l2norm dz"));
+        if eps < 1.0 {
+            // The zero row's gradient is dy / 1e-12, beyond fp16: infinities of dy's sign. The row is then
+            // set aside, and so is the bias gradient it swamps.
+            for c in 3 * dim..4 * dim {
+                assert!(got_dz[c].is_infinite() && (got_dz[c] > 0.0) == (dy[c] > 0.0), "{what}: zero row, column {c}");
+                got_dz[c] = want_dz[c];
+            }
+        }
+        let want_dz = f64s(&want_dz);
+        assert_close(&got_dz, &want_dz, f16_tol(1e-5), &format!("{what} dz"));
+        if eps < 1.0 {
+            continue;
+        }
+        let sum_tol = |w: f64| 1e-5 * (w.abs() + 1.0) * (rows as f64).sqrt();
+        assert_close(&read(&gpu, &dbias_buf, dbias, "dbias"), &f64s(&want_dbias), sum_tol, &format!("{what} dbias"));
+    }
+}
+
+/// One GPU Adam step against the CPU's (clip_grad_norm then Adam::update) from the same random state.
+fn adam_case(gpu: &Gpu, rng: &mut impl RngExt, config: AdamConfig, max_norm: Option<f64>, lr: f64) {
+    // Three "tensors" laid end to end in the flat buffer, as the engine lays out all parameters.
+    let sizes = [1000usize, 1, 70_001];
+    let n: usize = sizes.iter().sum();
+    let t = 4;
+    let params = uniform(rng, n, 1.0);
+    let m = uniform(rng, n, 0.1);
+    let v: Vec<f32> = uniform(rng, n, 0.01).iter().map(|x| x.abs()).collect();
+    let loss_scale = 1024.0;
+    let grads_scaled: Vec<f32> = uniform(rng, n, 0.5).iter().map(|g| g * loss_scale as f32).collect();
+
+    let (p_buf, p_dev) = poisoned_with(gpu, &params);
+    let (m_buf, m_dev) = poisoned_with(gpu, &m);
+    let (v_buf, v_dev) = poisoned_with(gpu, &v);
+    let (p16_buf, p16) = poisoned::<f16>(gpu, n);
+    let (_g, g_dev) = upload(gpu, &grads_scaled);
+    let (s_buf, stats) = poisoned::<f32>(gpu, AdamStats::LEN);
+    let (_sc, scratch) = poisoned::<f64>(gpu, gpu.adam_scratch_len(n));
+    let step = AdamStep { lr, t, loss_scale, max_norm };
+    gpu.adam_step(p_dev, m_dev, v_dev, p16, g_dev, stats, scratch, &config, step).unwrap();
+    let got_stats = AdamStats::from_device(&read(gpu, &s_buf, stats, "stats")).unwrap();
+
+    // The reference: unscaled gradients (exact: the scale is a power of two), clipped, one update at t.
+    let split = |flat: &[f32]| {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &s in &sizes {
+            out.push(flat[at..at + s].to_vec());
+            at += s;
+        }
+        out
+    };
+    let mut grads = split(&grads_scaled.iter().map(|g| g * (1.0 / loss_scale) as f32).collect::<Vec<_>>());
+    let norm = match max_norm {
+        Some(limit) => clip_grad_norm(&mut grads.iter_mut().map(|g| g.as_mut_slice()).collect::<Vec<_>>(), limit),
+        None => learn_kern::train::optim::grad_norm(&grads.iter().map(|g| g.as_slice()).collect::<Vec<_>>()),
+    };
+    let mut adam = Adam::restore(config, t - 1, split(&m), split(&v), &sizes).unwrap();
+    let mut want_p = split(&params);
+    adam.update(
+        &mut want_p.iter_mut().map(|p| p.as_mut_slice()).collect::<Vec<_>>(),
+        &grads.iter().map(|g| g.as_slice()).collect::<Vec<_>>(),
+        lr,
+    );
+    assert!(!got_stats.skipped);
+    assert_eq!(got_stats.grad_norm, norm as f32, "grad norm");
+    if max_norm.is_some() {
+        assert!(got_stats.clip < 1.0, "the case is meant to clip");
+    }
+    // Same operations, same roundings, same order: bit for bit.
+    let flat = |parts: &[Vec<f32>]| parts.concat();
+    assert_eq!(read(gpu, &p_buf, p_dev, "params"), flat(&want_p), "params");
+    assert_eq!(read(gpu, &m_buf, m_dev, "m"), flat(&adam.m), "m");
+    assert_eq!(read(gpu, &v_buf, v_dev, "v"), flat(&adam.v), "v");
+    let want16: Vec<f16> = flat(&want_p).iter().map(|&x| f16::from_f32(x)).collect();
+    assert_eq!(read(gpu, &p16_buf, p16, "p16"), want16, "fp16 copy");
+}
+
+#[test]
+fn adam_matches_the_cpu_optimizer_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("adam");
+    adam_case(&gpu, &mut rng, AdamConfig::default(), None, 1e-3);
+    adam_case(&gpu, &mut rng, AdamConfig { weight_decay: 0.1, ..AdamConfig::default() }, Some(1.0), 5e-3);
+    // β1 < 0.5 takes the other form of the lerp.
+    adam_case(&gpu, &mut rng, AdamConfig { beta1: 0.3, beta2: 0.9, eps: 1e-6, weight_decay: 0.01 }, Some(5.0), 0.1);
+}
+
+#[test]
+fn adam_skips_a_step_whose_gradients_overflowed() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("adam overflow");
+    let n = 5000;
+    for bad in [f32::INFINITY, f32::NAN] {
+        let params = uniform(&mut rng, n, 1.0);
+        let m = uniform(&mut rng, n, 0.1);
+        let v: Vec<f32> = uniform(&mut rng, n, 0.01).iter().map(|x| x.abs()).collect();
+        let p16 = f16s(&params);
+        let mut grads = uniform(&mut rng, n, 100.0);
+        grads[4321] = bad;
+        let (_p, p_dev) = upload(&gpu, &params);
+        let (_m, m_dev) = upload(&gpu, &m);
+        let (_v, v_dev) = upload(&gpu, &v);
+        let (_h, p16_dev) = upload(&gpu, &p16);
+        let (_g, g_dev) = upload(&gpu, &grads);
+        let (s_buf, stats) = poisoned::<f32>(&gpu, AdamStats::LEN);
+        let (_sc, scratch) = poisoned::<f64>(&gpu, gpu.adam_scratch_len(n));
+        let step = AdamStep { lr: 1e-3, t: 1, loss_scale: 65536.0, max_norm: Some(1.0) };
+        gpu.adam_step(p_dev, m_dev, v_dev, p16_dev, g_dev, stats, scratch, &AdamConfig::default(), step).unwrap();
+        let got = AdamStats::from_device(&read(&gpu, &s_buf, stats, "stats")).unwrap();
+        assert!(got.skipped && !got.grad_norm.is_finite(), "{bad}: {got:?}");
+        assert_eq!(gpu.download(p_dev).unwrap(), params, "{bad}: weights moved");
+        assert_eq!(gpu.download(m_dev).unwrap(), m);
+        assert_eq!(gpu.download(v_dev).unwrap(), v);
+        assert_eq!(gpu.download(p16_dev).unwrap(), p16);
+    }
+}
+
+/// A random InfoNCE batch: unit rows (scores up to ±1/τ), random lengths, item ids from a pool of `pool`.
+#[derive(Clone)]
+struct NceCase {
+    users: Vec<f32>,
+    items: Vec<f32>,
+    hist_len: Vec<usize>,
+    tgt_len: Vec<usize>,
+    ids: Vec<u32>,
+    h: usize,
+    t: usize,
+    d: usize,
+    tau: f32,
+    keep: bool,
+    positions: LossPositions,
+    log_q: Option<Vec<f32>>,
+}
+
+impl NceCase {
+    #[allow(clippy::too_many_arguments)]
+    fn random(rng: &mut impl RngExt, n: usize, h: usize, t: usize, d: usize, pool: u32, full: bool) -> NceCase {
+        let mut rows = |count: usize| {
+            let mut v = uniform(rng, count * d, 1.0);
+            for r in v.chunks_exact_mut(d) {
+                let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+                r.iter_mut().for_each(|x| *x /= norm);
+            }
+            v
+        };
+        let (users, items) = (rows(n * h), rows(n * t));
+        let hist_len = (0..n).map(|_| if full { h } else { rng.random_range(1..=h) }).collect();
+        let tgt_len = (0..n).map(|_| if full { t } else { rng.random_range(1..=t) }).collect();
+        let ids = (0..n * t).map(|_| rng.random_range(0..pool)).collect();
+        NceCase {
+            users,
+            items,
+            hist_len,
+            tgt_len,
+            ids,
+            h,
+            t,
+            d,
+            tau: 0.05,
+            keep: false,
+            positions: LossPositions::All,
+            log_q: None,
+        }
+    }
+
+    /// Loss, N_q per query and the gradients from the GPU, outputs poisoned first.
+    fn gpu(&self, gpu: &Gpu) -> (f32, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let layout =
+            InfoNceLayout::new(&self.hist_len, &self.tgt_len, &self.ids, self.h, self.t, self.positions, self.keep)
+                .unwrap();
+        let region = gpu.alloc(layout.device_bytes().max(1), "layout").unwrap();
+        let batch = gpu.upload_infonce_layout(&layout, region.all::<u8>()).unwrap();
+        let (_u, users) = upload(gpu, &self.users);
+        let (_i, items) = upload(gpu, &self.items);
+        let log_q = self.log_q.as_ref().map(|l| upload(gpu, l));
+        let (loss_buf, loss) = poisoned::<f32>(gpu, 1);
+        let (lse_buf, lse) = poisoned::<f32>(gpu, batch.queries());
+        let (du_buf, du) = poisoned::<f32>(gpu, self.users.len());
+        let (di_buf, di) = poisoned::<f32>(gpu, self.items.len());
+        let (_s, scratch) = poisoned::<f32>(gpu, gpu.infonce_scratch_len(&batch));
+        gpu.infonce(&batch, users, items, log_q.as_ref().map(|l| l.1), self.d, self.tau, loss, lse, du, di, scratch)
+            .unwrap();
+        (
+            read(gpu, &loss_buf, loss, "loss")[0],
+            read(gpu, &lse_buf, lse, "lse"),
+            read(gpu, &du_buf, du, "d_users"),
+            read(gpu, &di_buf, di, "d_items"),
+        )
+    }
+
+    /// The CPU reference in f64 (or f32), gradients poisoned first.
+    fn cpu<T: cpu::Real>(&self) -> (f64, Vec<f64>, Vec<f64>) {
+        let cast = |v: &[f32]| v.iter().map(|&x| T::c(x as f64)).collect::<Vec<T>>();
+        let (users, items) = (cast(&self.users), cast(&self.items));
+        let log_q = self.log_q.as_deref().map(cast);
+        let b = InfoNceBatch {
+            users: &users,
+            hist_len: &self.hist_len,
+            items: &items,
+            tgt_len: &self.tgt_len,
+            target_ids: &self.ids,
+            h: self.h,
+            t: self.t,
+            d: self.d,
+            tau: T::c(self.tau as f64),
+            keep_false_negatives: self.keep,
+            positions: self.positions,
+            log_q: log_q.as_deref(),
+        };
+        let (mut du, mut di) = (vec![T::nan(); users.len()], vec![T::nan(); items.len()]);
+        let out = infonce(&b, &mut du, &mut di);
+        let wide = |v: Vec<T>| v.iter().map(|x| x.to_f64().unwrap()).collect();
+        (out.loss.to_f64().unwrap(), wide(du), wide(di))
+    }
+
+    /// N_q from the definition: log Σ exp(s) over the allowed negatives of each query, in f64.
+    fn naive_lse(&self) -> Vec<f64> {
+        let (n, d) = (self.hist_len.len(), self.d);
+        let mut out = Vec::new();
+        for i in 0..n {
+            let own = &self.ids[i * self.t..i * self.t + self.tgt_len[i]];
+            let first = if self.positions == LossPositions::Last { self.hist_len[i] - 1 } else { 0 };
+            for j in first..self.hist_len[i] {
+                let u = &self.users[(i * self.h + j) * d..][..d];
+                let mut scores = Vec::new();
+                for z in (0..n).filter(|&z| z != i) {
+                    for k in 0..self.tgt_len[z] {
+                        let c = z * self.t + k;
+                        if !self.keep && own.contains(&self.ids[c]) {
+                            continue;
+                        }
+                        let v = &self.items[c * d..][..d];
+                        let dot: f64 = u.iter().zip(v).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        scores.push(dot / self.tau as f64 - self.log_q.as_ref().map_or(0.0, |l| l[c] as f64));
+                    }
+                }
+                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                out.push(if m == f64::NEG_INFINITY {
+                    m
+                } else {
+                    m + scores.iter().map(|s| (s - m).exp()).sum::<f64>().ln()
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Gradients to `rel` of their largest magnitude.
+fn grad_tol(want: &[f64], rel: f64) -> impl Fn(f64) -> f64 {
+    let scale = want.iter().fold(0.0f64, |a, w| a.max(w.abs()));
+    move |w: f64| rel * (w.abs() + scale)
+}
+
+#[test]
+fn infonce_matches_the_cpu_for_every_variant() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("infonce");
+    for d in INFONCE_WIDTHS {
+        // 37 users of up to 7 queries and 5 columns: several 64-row and 64-column tiles, partial last ones,
+        // an odd number of bitmask words; a pool of 30 ids so that users share items and masking matters.
+        let base = NceCase::random(&mut rng, 37, 7, 5, d, 30, false);
+        for keep in [false, true] {
+            for positions in [LossPositions::All, LossPositions::Last] {
+                for shifted in [false, true] {
+                    let log_q = shifted.then(|| base.ids.iter().map(|&id| -1.0 - 0.37 * (id % 5) as f32).collect());
+                    let case = NceCase { keep, positions, log_q, ..base.clone() };
+                    let what = format!("infonce d {d} keep {keep} {positions:?} log q {shifted}");
+                    let (loss, lse, du, di) = case.gpu(&gpu);
+                    let (want_loss, want_du, want_di) = case.cpu::<f64>();
+                    assert!(
+                        (loss as f64 - want_loss).abs() <= 1e-5 * (1.0 + want_loss),
+                        "{what}: {loss} vs {want_loss}"
+                    );
+                    let want_lse = case.naive_lse();
+                    let lse_tol = |w: f64| if w.is_infinite() { 0.0 } else { 1e-5 * (1.0 + w.abs()) };
+                    for (q, (&g, &w)) in lse.iter().zip(&want_lse).enumerate() {
+                        assert!(g as f64 == w || (g as f64 - w).abs() <= lse_tol(w), "{what}: lse {q}: {g} vs {w}");
+                    }
+                    assert_close(&du, &want_du, grad_tol(&want_du, 1e-4), &format!("{what} d_users"));
+                    assert_close(&di, &want_di, grad_tol(&want_di, 1e-4), &format!("{what} d_items"));
+                }
+            }
+        }
+        let kept = NceCase { keep: true, ..base.clone() }.gpu(&gpu).0;
+        assert!((base.gpu(&gpu).0 - kept).abs() > 1e-3, "the false-negative mask changed nothing");
+    }
+}
+
+#[test]
+fn infonce_without_negatives_is_exactly_zero() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("infonce zero");
+    // Two users with the same single item: each one's only negative is masked.
+    let case = NceCase::random(&mut rng, 2, 3, 2, 64, 1, false);
+    let (loss, lse, du, di) = case.gpu(&gpu);
+    assert_eq!(loss, 0.0);
+    assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY));
+    assert!(du.iter().chain(&di).all(|&x| x == 0.0));
+}
+
+#[test]
+fn infonce_runs_at_b1024_h80_t40_like_the_cpu_and_repeats() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("infonce large");
+    let case = NceCase::random(&mut rng, 1024, 80, 40, 64, 20_000, true);
+    let start = std::time::Instant::now();
+    let first = case.gpu(&gpu);
+    eprintln!("infonce B=1024 H=80 T=40 (with uploads and layout): {:?}", start.elapsed());
+    let (want_loss, want_du, want_di) = case.cpu::<f32>();
+    let (loss, _, du, di) = &first;
+    assert!((*loss as f64 - want_loss).abs() <= 1e-4 * want_loss, "loss {loss} vs {want_loss}");
+    assert_close(du, &want_du, grad_tol(&want_du, 2e-4), "B=1024 d_users");
+    assert_close(di, &want_di, grad_tol(&want_di, 2e-4), "B=1024 d_items");
+    let again = case.gpu(&gpu);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(first.0.to_bits(), again.0.to_bits(), "loss repeats");
+    assert!(bits(&first.2) == bits(&again.2) && bits(&first.3) == bits(&again.3), "gradients repeat");
+}
+
+/// A packed attention batch on the device: its offsets and 64-row tiles, kept alive with the batch.
+fn attention_batch(gpu: &Gpu, lengths: &[usize], heads: usize) -> (Vec<DeviceBuffer>, AttnBatch) {
+    let offsets: Vec<usize> = std::iter::once(0).chain(lengths.iter().scan(0, |a, &n| Some(*a + n))).collect();
+    let mut tiles = Vec::new();
+    attention_tiles(&offsets, &mut tiles);
+    let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+    let (cu_buf, cu_seqlens) = upload(gpu, &cu);
+    let (tiles_buf, tiles_dev) = upload(gpu, &tiles);
+    let rows = *offsets.last().unwrap();
+    let batch = AttnBatch { cu_seqlens, tiles: tiles_dev, num_tiles: tiles.len(), seqs: lengths.len(), rows, heads };
+    (vec![cu_buf, tiles_buf], batch)
+}
+
+/// The row log-sum-exp of the scaled causal scores, from the definition, in the packed head-major layout.
+fn causal_lse(q: &[f64], k: &[f64], lengths: &[usize], heads: usize) -> Vec<f64> {
+    let dh = MASKED_ATTENTION_HEAD_DIM;
+    let mut lse = Vec::new();
+    let mut first = 0;
+    for &n in lengths {
+        for h in 0..heads {
+            let row = |i: usize| (first * heads + h * n + i) * dh;
+            for i in 0..n {
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| (0..dh).map(|d| q[row(i) + d] * k[row(j) + d]).sum::<f64>() / (dh as f64).sqrt())
+                    .collect();
+                let top = s.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                lse.push(top + s.iter().map(|x| (x - top).exp()).sum::<f64>().ln());
+            }
+        }
+        first += n;
+    }
+    lse
+}
+
+#[test]
+fn masked_attention_forward_and_backward_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("masked attention");
+    let dh = MASKED_ATTENTION_HEAD_DIM;
+    // Lengths of 1, below, at and past a 16-row fragment and a 64-row tile, the PCH shapes (H = 80, T = 40,
+    // 12 heads) and the longest sequence (512).
+    let shapes: [(usize, &[usize]); 4] =
+        [(2, &[1, 17, 64, 5, 100, 16]), (12, &[80, 79, 1, 33, 80]), (12, &[40, 40, 7, 1]), (1, &[512, 1, 200])];
+    for (heads, lengths) in shapes {
+        for mask in [MaskKind::Causal, MaskKind::Diagonal] {
+            let what = format!("masked attention {mask:?}, {heads} heads, lengths {lengths:?}");
+            let (_keep, batch) = attention_batch(&gpu, lengths, heads);
+            let n = batch.elements();
+            let lanes = batch.rows * heads;
+            let [q, k, v, dout] = [2.0, 2.0, 1.0, 1.0].map(|scale| f16s(&uniform(&mut rng, n, scale)));
+            let (_q, q_dev) = upload(&gpu, &q);
+            let (_k, k_dev) = upload(&gpu, &k);
+            let (_v, v_dev) = upload(&gpu, &v);
+            let (_g, dout_dev) = upload(&gpu, &dout);
+            let (out_buf, out) = poisoned::<f16>(&gpu, n);
+            let (lse_buf, lse) = poisoned::<f32>(&gpu, lanes);
+            gpu.masked_attention_fwd(out, lse, q_dev, k_dev, v_dev, &batch, mask).unwrap();
+            let got_out = widen(&read(&gpu, &out_buf, out, "attention out"));
+
+            let wide = |x: &[f16]| f64s(&widen(x));
+            let (q64, k64, v64, dout64) = (wide(&q), wide(&k), wide(&v), wide(&dout));
+            let seqs = Varlen::new(lengths);
+            let hd = Heads { count: heads, dim: dh };
+            let (mut want_out, mut probs) = (vec![f64::NAN; n], vec![f64::NAN; seqs.prob_len(heads)]);
+            cpu::masked_attention::forward(&mut want_out, &mut probs, &q64, &k64, &v64, None, &seqs, hd, mask);
+            let (mut want_dq, mut want_dk, mut want_dv) = (vec![f64::NAN; n], vec![f64::NAN; n], vec![f64::NAN; n]);
+            cpu::masked_attention::backward(
+                &mut want_dq,
+                &mut want_dk,
+                &mut want_dv,
+                &dout64,
+                &q64,
+                &k64,
+                &v64,
+                &probs,
+                None,
+                &seqs,
+                hd,
+            );
+
+            let (dq_buf, dq) = poisoned::<f16>(&gpu, n);
+            let (dk_buf, dk) = poisoned::<f16>(&gpu, n);
+            let (dv_buf, dv) = poisoned::<f16>(&gpu, n);
+            let (_d, delta) = poisoned::<f32>(&gpu, lanes);
+            let backward = || {
+                gpu.masked_attention_bwd(dq, dk, dv, delta, dout_dev, out, q_dev, k_dev, v_dev, lse, &batch, mask)
+                    .unwrap();
+                [(&dq_buf, dq, "dq"), (&dk_buf, dk, "dk"), (&dv_buf, dv, "dv")]
+                    .map(|(buf, view, name)| widen(&read(&gpu, buf, view, name)))
+            };
+            let [got_dq, got_dk, got_dv] = backward();
+            if mask == MaskKind::Diagonal {
+                // p = 1 exactly: out = v, dv = dout, dq = dk = 0, bit for bit as the reference.
+                let exact = |_: f64| 0.0;
+                assert_close(&got_out, &want_out, exact, &format!("{what} out"));
+                assert_close(&got_dq, &want_dq, exact, &format!("{what} dq"));
+                assert_close(&got_dk, &want_dk, exact, &format!("{what} dk"));
+                assert_close(&got_dv, &want_dv, exact, &format!("{what} dv"));
+                continue;
+            }
+            // P and dS are rounded to fp16 for the tensor cores: errors of a few fp16 ulps of the largest value.
+            assert_close(&got_out, &want_out, scaled_f16_tol(&want_out, 2e-3), &format!("{what} out"));
+            let got_lse = read(&gpu, &lse_buf, lse, "attention lse");
+            let want_lse = causal_lse(&q64, &k64, lengths, heads);
+            assert_close(&got_lse, &want_lse, |w| 1e-5 * (w.abs() + 1.0), &format!("{what} lse"));
+            for (got, want, name) in [(&got_dq, &want_dq, "dq"), (&got_dk, &want_dk, "dk"), (&got_dv, &want_dv, "dv")] {
+                assert_close(got, want, scaled_f16_tol(want, 4e-3), &format!("{what} {name}"));
+            }
+            // No atomics: the backward repeats bit for bit.
+            let again = backward();
+            assert!(again == [got_dq, got_dk, got_dv], "{what}: a second backward differs");
+        }
+    }
+}
+
+#[test]
+fn masked_attention_rejects_bad_shapes() {
+    let Some(gpu) = gpu() else { return };
+    let (_keep, batch) = attention_batch(&gpu, &[3, 70], 2);
+    let n = batch.elements();
+    let (_b, buf) = poisoned::<f16>(&gpu, n + 8);
+    let (_l, lse) = poisoned::<f32>(&gpu, batch.rows * 2);
+    let t = buf.slice(0, n);
+    let fwd = |out: Dev<f16>, batch: &AttnBatch| gpu.masked_attention_fwd(out, lse, t, t, t, batch, MaskKind::Causal);
+    assert!(fwd(buf.slice(0, n - 1), &batch).is_err(), "a short output");
+    assert!(fwd(buf.slice(1, n), &batch).is_err(), "an output off the 16-byte boundary");
+    assert!(fwd(t, &AttnBatch { heads: 0, ..batch }).is_err(), "no heads");
+    assert!(fwd(t, &AttnBatch { num_tiles: batch.num_tiles + 1, ..batch }).is_err(), "more tiles than uploaded");
+    assert!(fwd(t, &AttnBatch { rows: batch.rows + 1, ..batch }).is_err(), "more rows than the tensors hold");
+    assert!(gpu.masked_attention_fwd(t, lse.slice(0, 1), t, t, t, &batch, MaskKind::Causal).is_err(), "short lse");
+    let bwd = gpu.masked_attention_bwd(t, t, t, lse.slice(0, 1), t, t, t, t, t, lse, &batch, MaskKind::Causal);
+    assert!(bwd.is_err(), "a short delta");
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# learn-kern's embedding throughput against its peers, on the same GPU, same items, same token budget, in
+# one run (SPEC §7), ending with one ratio table:
+#   learn-kern bench embed           packed varlen batches, this engine
+#   tools/peer/embed_hf.py batched   Hugging Face LlamaModel, fp16, SDPA, length-sorted padded batches
+#   tools/peer/embed_hf.py bs1       the official LEARN extraction style: batch size 1, fp16
+#
+# usage: tools/bench-vs-peers.sh [--preset P] [--batch-tokens N] [--items N] [--bs1-items N] [--bin PATH]
+#                                [--out DIR]
+# Defaults: baichuan2-7b, 8192 tokens, 2048 items of 16–128 tokens, the first 256 of them for bs1 (a rate,
+# so fewer items only shorten the run), target/release/learn-kern, reports in ./bench-out (or $OUT).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+preset=baichuan2-7b batch_tokens=8192 items=2048 bs1_items=256
+bin=target/release/learn-kern out="${OUT:-bench-out}"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --preset) preset="$2"; shift 2 ;;
+        --batch-tokens) batch_tokens="$2"; shift 2 ;;
+        --items) items="$2"; shift 2 ;;
+        --bs1-items) bs1_items="$2"; shift 2 ;;
+        --bin) bin="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        *) echo "bench-vs-peers.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$out"
+tag="$preset-$batch_tokens"
+lengths="$out/lengths-$tag.txt"
+
+"$bin" bench embed --device cuda --preset "$preset" --batch-tokens "$batch_tokens" --items "$items" \
+    --save-lengths "$lengths" --json "$out/learn-kern-$tag.json"
+# A peer that fails (out of memory on a 16 GB card, say) leaves its row empty; the others still run.
+python3 tools/peer/embed_hf.py --preset "$preset" --lengths "$lengths" --mode batched \
+    --batch-tokens "$batch_tokens" --json "$out/hf-batched-$tag.json" >/dev/null ||
+    echo "bench-vs-peers.sh: the batched Hugging Face peer failed" >&2
+python3 tools/peer/embed_hf.py --preset "$preset" --lengths "$lengths" --mode bs1 --max-items "$bs1_items" \
+    --json "$out/hf-bs1-$tag.json" >/dev/null ||
+    echo "bench-vs-peers.sh: the batch-size-1 peer failed" >&2
+python3 tools/peer/ratio_table.py "$out/learn-kern-$tag.json" "$out/hf-batched-$tag.json" "$out/hf-bs1-$tag.json" |
+    tee "$out/table-$tag.txt"
