@@ -44,4 +44,6 @@ if [[ -z "$dir" ]]; then
 fi
 echo "tools/test.sh: NVRTC from $dir" >&2
 export LEARN_KERN_CUDA_LIBS="$dir${LEARN_KERN_CUDA_LIBS:+:$LEARN_KERN_CUDA_LIBS}"
+# A one-off test build gains nothing from incremental state, and it would add ~0.5 GB to target/.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 exec cargo test "$@"
