@@ -14,6 +14,10 @@
 // in shared memory for the gradient products) and recomputes it where it needs it, as flash attention
 // does. Every sum has a fixed order and nothing is atomic, so the results repeat bit for bit.
 //
+// The gradients may carry a loss scale S (mixed-precision training): infonce_pos weighs the pairs by S/P
+// instead of 1/P, and every gradient flows from those weights. With S a power of two the scaled gradients
+// are the unscaled ones times S exactly; the loss itself is never scaled.
+//
 // Scores are fp32 products of the fp32 embeddings: with τ = 0.05 they reach ±20, where fp16 inputs would
 // move the loss by about 1e-2. Tiles are 64 queries × 64 columns for 256 threads as 16 × 16; thread
 // (ty, tx) owns rows ty + 16i and columns tx + 16j (i, j < 4). Rows of the tiles in shared memory are
@@ -323,7 +327,8 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
                                        const float* __restrict__ items, const float* __restrict__ log_q,
                                        const int* __restrict__ q_row, const int* __restrict__ c_row,
                                        const int* __restrict__ q_start, const int* __restrict__ c_start,
-                                       const float* __restrict__ lse, int d, float inv_tau, float inv_pairs) {
+                                       const float* __restrict__ lse, int d, float inv_tau, float inv_pairs,
+                                       float grad_weight) {
     __shared__ float w[NCE_CHUNK][NCE_MAX_TARGETS];
     __shared__ float scratch[32];
     const int user = blockIdx.x;
@@ -341,7 +346,7 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
             if (log_q != nullptr) s -= log_q[c_row[k0 + k]];
             const float z = lse[j0 + j] - s;
             loss += softplus(z);
-            w[j][k] = sigmoid(z) * inv_pairs;
+            w[j][k] = sigmoid(z) * grad_weight;
         }
         __syncthreads();
         for (int e = threadIdx.x; e < nj * d; e += blockDim.x) {

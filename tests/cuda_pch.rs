@@ -71,7 +71,8 @@ fn check(gpu: &Gpu, rng: &mut ChaCha8Rng, mask: MaskKind, half: bool) {
 
     // The GPU, with gradients starting from the same random values: the backward must add, not overwrite.
     let rows: usize = shape.lengths.iter().sum();
-    let mut model = GpuPch::new(gpu, &params, rows + 13, b + 1).unwrap();
+    let model = GpuPch::new(gpu, &params).unwrap();
+    let mut acts = model.activations(gpu, rows + 13, b + 1).unwrap();
     let (_c, content_dev) = if half {
         let (buf, view) = upload(gpu, &f16s(&content));
         (buf, GpuContent::F16(view))
@@ -79,7 +80,7 @@ fn check(gpu: &Gpu, rng: &mut ChaCha8Rng, mask: MaskKind, half: bool) {
         let (buf, view) = upload(gpu, &content);
         (buf, GpuContent::F32(view))
     };
-    let out = model.forward(gpu, content_dev, &shape, mask).unwrap();
+    let out = model.forward(gpu, &mut acts, content_dev, &shape, mask).unwrap();
     let got: Vec<f64> = gpu.download(out).unwrap().iter().map(|&v| v as f64).collect();
     let want: Vec<f64> = shape.valid_rows().flat_map(|r| want_padded[r * o..(r + 1) * o].to_vec()).collect();
     assert_rel(&got, &want, 1e-2, &format!("{what}: outputs"));
@@ -88,7 +89,7 @@ fn check(gpu: &Gpu, rng: &mut ChaCha8Rng, mask: MaskKind, half: bool) {
         shape.valid_rows().flat_map(|r| d_out[r * o..(r + 1) * o].iter().map(|&v| v as f32)).collect();
     let (_d, d_out_dev) = upload(gpu, &packed);
     gpu.upload(model.buffers().2, &base).unwrap();
-    model.backward(gpu, d_out_dev).unwrap();
+    model.backward(gpu, &acts, d_out_dev).unwrap();
     let got_grads = model.download_grads(gpu).unwrap();
     let mut offset = 0;
     for ((name, _, got), (_, _, want)) in got_grads.tensors().zip(want_grads.tensors()) {
@@ -122,23 +123,30 @@ fn what_the_gpu_tower_does_not_implement_is_refused() {
         PchConfig { d_content: 100, ..config() },
     ] {
         let params = random_params(&cfg, &mut rng);
-        assert!(GpuPch::new(&gpu, &params, 16, 2).is_err(), "{cfg:?} was accepted");
+        assert!(GpuPch::new(&gpu, &params).is_err(), "{cfg:?} was accepted");
     }
     let cfg = config();
-    let mut model = GpuPch::new(&gpu, &random_params(&cfg, &mut rng), 16, 2).unwrap();
+    let model = GpuPch::new(&gpu, &random_params(&cfg, &mut rng)).unwrap();
+    let mut acts = model.activations(&gpu, 16, 2).unwrap();
     let (_o, d_out) = upload(&gpu, &vec![0.0f32; 4 * cfg.d_out]);
-    assert!(model.backward(&gpu, d_out).is_err(), "a backward before any forward");
+    assert!(model.backward(&gpu, &acts, d_out).is_err(), "a backward before any forward");
     let shape = PchBatchShape { batch: 2, len: 4, lengths: vec![4, 0] };
     let (_c, content) = upload(&gpu, &vec![0.0f32; 2 * 4 * cfg.d_content]);
     let (_s, short) = upload(&gpu, &vec![0.0f32; 8 * cfg.d_content - 8]);
-    assert!(model.forward(&gpu, GpuContent::F32(short), &shape, MaskKind::Causal).is_err(), "short content");
+    assert!(model.forward(&gpu, &mut acts, GpuContent::F32(short), &shape, MaskKind::Causal).is_err(), "short content");
     let long = PchBatchShape { batch: 2, len: 4, lengths: vec![4, 5] };
-    assert!(model.forward(&gpu, GpuContent::F32(content), &long, MaskKind::Causal).is_err(), "length beyond L");
+    assert!(
+        model.forward(&gpu, &mut acts, GpuContent::F32(content), &long, MaskKind::Causal).is_err(),
+        "length beyond L"
+    );
     let big = PchBatchShape { batch: 3, len: 4, lengths: vec![4, 4, 4] };
     let (_b, big_content) = upload(&gpu, &vec![0.0f32; 12 * cfg.d_content]);
-    assert!(model.forward(&gpu, GpuContent::F32(big_content), &big, MaskKind::Causal).is_err(), "past the arena");
-    model.forward(&gpu, GpuContent::F32(content), &shape, MaskKind::Causal).unwrap();
+    assert!(
+        model.forward(&gpu, &mut acts, GpuContent::F32(big_content), &big, MaskKind::Causal).is_err(),
+        "past the arena"
+    );
+    model.forward(&gpu, &mut acts, GpuContent::F32(content), &shape, MaskKind::Causal).unwrap();
     let (_w, wrong) = upload(&gpu, &vec![0.0f32; 3 * cfg.d_out]);
-    assert!(model.backward(&gpu, wrong).is_err(), "d_out of the wrong length");
-    model.backward(&gpu, d_out).unwrap();
+    assert!(model.backward(&gpu, &acts, wrong).is_err(), "d_out of the wrong length");
+    model.backward(&gpu, &acts, d_out).unwrap();
 }

@@ -14,7 +14,7 @@ use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
 use learn_kern::cpu::masked_attention::{Heads, MaskKind, Varlen};
 use learn_kern::cuda::Gpu;
 use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM};
-use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout};
+use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows};
 use learn_kern::cuda::memory::{Dev, DeviceBuffer};
 use learn_kern::cuda::ops::attention_tiles;
 use learn_kern::cuda::train_ops::{AdamStats, AdamStep};
@@ -362,6 +362,25 @@ struct NceCase {
     keep: bool,
     positions: LossPositions,
     log_q: Option<Vec<f32>>,
+    /// How the GPU sees the rows (the CPU always padded), and the loss scale its gradients carry.
+    rows: Rows,
+    grad_scale: f32,
+}
+
+/// The valid rows of a padded `[n, len, d]` array, user by user.
+fn pack_rows(padded: &[f32], lengths: &[usize], len: usize, d: usize) -> Vec<f32> {
+    lengths.iter().enumerate().flat_map(|(i, &n)| padded[i * len * d..(i * len + n) * d].to_vec()).collect()
+}
+
+/// The inverse of [`pack_rows`], with NaN at the padded rows.
+fn unpack_rows(packed: &[f32], lengths: &[usize], len: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; lengths.len() * len * d];
+    let mut at = 0;
+    for (i, &n) in lengths.iter().enumerate() {
+        out[i * len * d..(i * len + n) * d].copy_from_slice(&packed[at..at + n * d]);
+        at += n * d;
+    }
+    out
 }
 
 impl NceCase {
@@ -392,32 +411,45 @@ impl NceCase {
             keep: false,
             positions: LossPositions::All,
             log_q: None,
+            rows: Rows::Padded,
+            grad_scale: 1.0,
         }
     }
 
-    /// Loss, N_q per query and the gradients from the GPU, outputs poisoned first.
+    /// Loss, N_q per query and the gradients from the GPU (padded, whatever rows it saw), outputs poisoned
+    /// first.
     fn gpu(&self, gpu: &Gpu) -> (f32, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (h, t, d) = (self.h, self.t, self.d);
         let layout =
-            InfoNceLayout::new(&self.hist_len, &self.tgt_len, &self.ids, self.h, self.t, self.positions, self.keep)
+            InfoNceLayout::new(&self.hist_len, &self.tgt_len, &self.ids, h, t, self.positions, self.keep, self.rows)
                 .unwrap();
         let region = gpu.alloc(layout.device_bytes().max(1), "layout").unwrap();
         let batch = gpu.upload_infonce_layout(&layout, region.all::<u8>()).unwrap();
-        let (_u, users) = upload(gpu, &self.users);
-        let (_i, items) = upload(gpu, &self.items);
-        let log_q = self.log_q.as_ref().map(|l| upload(gpu, l));
+        let packed = self.rows == Rows::Packed;
+        let (users, items, log_q) = if packed {
+            let log_q = self.log_q.as_ref().map(|l| pack_rows(l, &self.tgt_len, t, 1));
+            (pack_rows(&self.users, &self.hist_len, h, d), pack_rows(&self.items, &self.tgt_len, t, d), log_q)
+        } else {
+            (self.users.clone(), self.items.clone(), self.log_q.clone())
+        };
+        let (_u, users_dev) = upload(gpu, &users);
+        let (_i, items_dev) = upload(gpu, &items);
+        let log_q = log_q.as_ref().map(|l| upload(gpu, l));
         let (loss_buf, loss) = poisoned::<f32>(gpu, 1);
         let (lse_buf, lse) = poisoned::<f32>(gpu, batch.queries());
-        let (du_buf, du) = poisoned::<f32>(gpu, self.users.len());
-        let (di_buf, di) = poisoned::<f32>(gpu, self.items.len());
+        let (du_buf, du) = poisoned::<f32>(gpu, users.len());
+        let (di_buf, di) = poisoned::<f32>(gpu, items.len());
         let (_s, scratch) = poisoned::<f32>(gpu, gpu.infonce_scratch_len(&batch));
-        gpu.infonce(&batch, users, items, log_q.as_ref().map(|l| l.1), self.d, self.tau, loss, lse, du, di, scratch)
+        let log_q = log_q.as_ref().map(|l| l.1);
+        gpu.infonce(&batch, users_dev, items_dev, log_q, d, self.tau, self.grad_scale, loss, lse, du, di, scratch)
             .unwrap();
-        (
-            read(gpu, &loss_buf, loss, "loss")[0],
-            read(gpu, &lse_buf, lse, "lse"),
-            read(gpu, &du_buf, du, "d_users"),
-            read(gpu, &di_buf, di, "d_items"),
-        )
+        let (du, di) = (read(gpu, &du_buf, du, "d_users"), read(gpu, &di_buf, di, "d_items"));
+        let (du, di) = if packed {
+            (unpack_rows(&du, &self.hist_len, h, d), unpack_rows(&di, &self.tgt_len, t, d))
+        } else {
+            (du, di)
+        };
+        (read(gpu, &loss_buf, loss, "loss")[0], read(gpu, &lse_buf, lse, "lse"), du, di)
     }
 
     /// The CPU reference in f64 (or f32), gradients poisoned first.
@@ -516,6 +548,31 @@ fn infonce_matches_the_cpu_for_every_variant() {
         }
         let kept = NceCase { keep: true, ..base.clone() }.gpu(&gpu).0;
         assert!((base.gpu(&gpu).0 - kept).abs() > 1e-3, "the false-negative mask changed nothing");
+    }
+}
+
+#[test]
+fn infonce_over_packed_rows_with_a_loss_scale_is_the_padded_result_times_the_scale_exactly() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("infonce packed");
+    let padded = NceCase::random(&mut rng, 29, 9, 6, 64, 25, false);
+    let log_q = Some(padded.ids.iter().map(|&id| -2.0 - 0.1 * (id % 7) as f32).collect());
+    for case in [padded.clone(), NceCase { log_q, positions: LossPositions::Last, ..padded }] {
+        let (loss, lse, du, di) = case.gpu(&gpu);
+        let scaled = NceCase { rows: Rows::Packed, grad_scale: 1024.0, ..case.clone() };
+        let (loss_s, lse_s, du_s, di_s) = scaled.gpu(&gpu);
+        assert_eq!(loss.to_bits(), loss_s.to_bits(), "the loss is never scaled");
+        assert_eq!(
+            lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            lse_s.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        // Padded rows: zeros from the padded run, NaN (never written) from the unpacked one.
+        for (what, plain, big) in [("d_users", &du, &du_s), ("d_items", &di, &di_s)] {
+            for (i, (&p, &b)) in plain.iter().zip(big.iter()).enumerate() {
+                assert!(b.is_nan() && p == 0.0 || (p * 1024.0).to_bits() == b.to_bits(), "{what} {i}: {p} vs {b}");
+            }
+            assert!(plain.iter().any(|&p| p != 0.0), "{what}: all zeros checks nothing");
+        }
     }
 }
 

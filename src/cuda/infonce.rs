@@ -40,13 +40,25 @@ pub struct InfoNceLayout {
     pub words: usize,
     /// Valid (i, j, k) triples: the loss is their mean.
     pub pairs: usize,
-    pub h: usize,
-    pub t: usize,
+    /// Rows of the users and items arrays the layout indexes (B·H and B·T when padded).
+    pub user_rows: usize,
+    pub item_rows: usize,
+}
+
+/// How the rows of the users `[·, d]` and items `[·, d]` arrays are numbered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Padded: user i's position j is row i·H + j, its target k row i·T + k (the CPU reference's layout).
+    Padded,
+    /// Packed: only the valid positions, user by user, as the GPU tower's forward returns them.
+    Packed,
 }
 
 impl InfoNceLayout {
     /// The layout of a batch of `hist_len.len()` users padded to `h` history and `t` target positions, with
-    /// `target_ids` `[B, t]`. Lengths must be 1 ..= h and 1 ..= t, as for the CPU reference.
+    /// `target_ids` `[B, t]` (padded whatever `rows` says). Lengths must be 1 ..= h and 1 ..= t, as for the
+    /// CPU reference.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         hist_len: &[usize],
         tgt_len: &[usize],
@@ -55,6 +67,7 @@ impl InfoNceLayout {
         t: usize,
         positions: LossPositions,
         keep_false_negatives: bool,
+        rows: Rows,
     ) -> Result<Self> {
         let n = hist_len.len();
         ensure!(tgt_len.len() == n, "infonce: {n} history lengths but {} target lengths", tgt_len.len());
@@ -64,7 +77,10 @@ impl InfoNceLayout {
             "infonce: {t} targets per user; the GPU kernel takes at most {INFONCE_MAX_TARGETS}"
         );
         int(n * h.max(t), "infonce rows")?;
-        let mut lay = InfoNceLayout { h, t, q_start: vec![0], c_start: vec![0], ..Default::default() };
+        let mut lay = InfoNceLayout { q_start: vec![0], c_start: vec![0], ..Default::default() };
+        // Where user i's rows start in the users and items arrays, and, padded, in target_ids.
+        let (mut u_at, mut c_at) = (0, 0);
+        let mut c_rows = Vec::with_capacity(n * t);
         for (i, (&hi, &ti)) in hist_len.iter().zip(tgt_len).enumerate() {
             ensure!((1..=h).contains(&hi), "infonce: user {i} has history length {hi}, expected 1..={h}");
             ensure!((1..=t).contains(&ti), "infonce: user {i} has {ti} targets, expected 1..={t}");
@@ -73,22 +89,29 @@ impl InfoNceLayout {
                 LossPositions::Last => hi - 1,
             };
             for j in first..hi {
-                lay.q_row.push((i * h + j) as i32);
+                lay.q_row.push((u_at + j) as i32);
                 lay.q_user.push(i as i32);
             }
             for k in 0..ti {
-                lay.c_row.push((i * t + k) as i32);
+                lay.c_row.push((c_at + k) as i32);
                 lay.c_user.push(i as i32);
+                c_rows.push(i * t + k);
             }
+            let (du, dc) = match rows {
+                Rows::Padded => (h, t),
+                Rows::Packed => (hi, ti),
+            };
+            (u_at, c_at) = (u_at + du, c_at + dc);
             lay.q_start.push(lay.q_row.len() as i32);
             lay.c_start.push(lay.c_row.len() as i32);
             lay.pairs += (hi - first) * ti;
         }
+        (lay.user_rows, lay.item_rows) = (u_at, c_at);
         let nc = lay.c_row.len();
         lay.words = nc.div_ceil(32);
         if !keep_false_negatives {
             lay.ban = vec![0; n * lay.words];
-            let id = |c: usize| target_ids[lay.c_row[c] as usize];
+            let id = |c: usize| target_ids[c_rows[c]];
             let mut by_id: Vec<usize> = (0..nc).collect();
             by_id.sort_unstable_by_key(|&c| (id(c), c));
             for i in 0..n {
@@ -148,8 +171,8 @@ pub struct InfoNceDev {
     users: usize,
     words: usize,
     pairs: usize,
-    h: usize,
-    t: usize,
+    user_rows: usize,
+    item_rows: usize,
 }
 
 impl InfoNceDev {
@@ -209,8 +232,8 @@ impl Gpu {
             users: layout.users(),
             words: layout.words,
             pairs: layout.pairs,
-            h: layout.h,
-            t: layout.t,
+            user_rows: layout.user_rows,
+            item_rows: layout.item_rows,
         })
     }
 
@@ -221,8 +244,9 @@ impl Gpu {
 
     /// The InfoNCE loss of the batch into `loss[0]`, N_q of every query into `lse`, and the gradients
     /// with respect to `users` (`[B, H, d]` fp32) and `items` (`[B, T, d]`) written (not accumulated) to
-    /// `d_users` and `d_items`, zero at padded and unused rows, as `cpu::infonce::infonce` does. `log_q`
-    /// (`[B, T]`) shifts every score when given.
+    /// `d_users` and `d_items`, zero at padded and unused rows, as `cpu::infonce::infonce` does, times
+    /// `grad_scale` (the loss scale of mixed-precision training; 1 for the gradients themselves, exact for
+    /// powers of two). `log_q` (one value per items row) shifts every score when given.
     #[allow(clippy::too_many_arguments)]
     pub fn infonce(
         &self,
@@ -232,6 +256,7 @@ impl Gpu {
         log_q: Option<Dev<f32>>,
         d: usize,
         tau: f32,
+        grad_scale: f32,
         loss: Dev<f32>,
         lse: Dev<f32>,
         d_users: Dev<f32>,
@@ -242,20 +267,22 @@ impl Gpu {
             bail!("infonce: embedding width {d} has no GPU kernel (they take {INFONCE_WIDTHS:?})");
         };
         ensure!(tau > 0.0 && tau.is_finite(), "infonce: tau must be positive, got {tau}");
+        ensure!(grad_scale > 0.0 && grad_scale.is_finite(), "infonce: gradient scale {grad_scale}");
         let (b, nq, nc) = (batch.users, batch.queries(), batch.columns());
-        covers(&users, b * batch.h * d, "infonce users")?;
-        covers(&d_users, b * batch.h * d, "infonce d_users")?;
-        covers(&items, b * batch.t * d, "infonce items")?;
-        covers(&d_items, b * batch.t * d, "infonce d_items")?;
+        let (nu, ni) = (batch.user_rows, batch.item_rows);
+        covers(&users, nu * d, "infonce users")?;
+        covers(&d_users, nu * d, "infonce d_users")?;
+        covers(&items, ni * d, "infonce items")?;
+        covers(&d_items, ni * d, "infonce d_items")?;
         if let Some(log_q) = &log_q {
-            covers(log_q, b * batch.t, "infonce log q")?;
+            covers(log_q, ni, "infonce log q")?;
         }
         covers(&loss, 1, "infonce loss")?;
         covers(&lse, nq, "infonce lse")?;
         covers(&scratch, self.infonce_scratch_len(batch), "infonce scratch")?;
         let (g, loss_part) = (scratch.slice(0, nq), scratch.slice(nq, b));
-        self.fill_bytes(d_users.slice(0, b * batch.h * d), 0)?;
-        self.fill_bytes(d_items.slice(0, b * batch.t * d), 0)?;
+        self.fill_bytes(d_users.slice(0, nu * d), 0)?;
+        self.fill_bytes(d_items.slice(0, ni * d), 0)?;
         self.fill_bytes(loss.slice(0, 1), 0)?;
         if b == 0 {
             return Ok(());
@@ -314,6 +341,7 @@ impl Gpu {
             Arg::I32(d as i32),
             Arg::F32(inv_tau),
             Arg::F32((1.0 / batch.pairs as f64) as f32),
+            Arg::F32((grad_scale as f64 / batch.pairs as f64) as f32),
         ];
         unsafe { self.launch("infonce_pos", (u32::try_from(b)?, 1), THREADS, 0, &args)? };
         for (name, out, tiles) in [(dq_kernel, d_users, row_tiles), (dc_kernel, d_items, col_tiles)] {
@@ -335,7 +363,7 @@ mod tests {
         // Three users padded to h = 3, t = 3; ids 7 and 9 are shared.
         let (hist, tgt) = ([2usize, 3, 1], [3usize, 1, 2]);
         let ids = [7u32, 8, 9, /* user 1 */ 9, 0, 0, /* user 2 */ 7, 7, 0];
-        let lay = InfoNceLayout::new(&hist, &tgt, &ids, 3, 3, LossPositions::All, false).unwrap();
+        let lay = InfoNceLayout::new(&hist, &tgt, &ids, 3, 3, LossPositions::All, false, Rows::Padded).unwrap();
         assert_eq!(lay.q_row, [0, 1, 3, 4, 5, 6]);
         assert_eq!(lay.q_user, [0, 0, 1, 1, 1, 2]);
         assert_eq!(lay.c_row, [0, 1, 2, 3, 6, 7]);
@@ -347,20 +375,20 @@ mod tests {
         // (column 2); user 2 (7) bans user 0's 7 (column 0). Own columns are never in the mask.
         assert_eq!(lay.ban, [0b111000, 0b000100, 0b000001]);
 
-        let last = InfoNceLayout::new(&hist, &tgt, &ids, 3, 3, LossPositions::Last, true).unwrap();
+        let last = InfoNceLayout::new(&hist, &tgt, &ids, 3, 3, LossPositions::Last, true, Rows::Padded).unwrap();
         assert_eq!(last.q_row, [1, 5, 6]);
         assert_eq!(last.pairs, 3 + 1 + 2);
         assert!(last.ban.is_empty());
 
-        assert!(InfoNceLayout::new(&[0], &[1], &[1, 2], 1, 2, LossPositions::All, false).is_err());
-        assert!(InfoNceLayout::new(&[1], &[3], &[1, 2], 1, 2, LossPositions::All, false).is_err());
+        assert!(InfoNceLayout::new(&[0], &[1], &[1, 2], 1, 2, LossPositions::All, false, Rows::Padded).is_err());
+        assert!(InfoNceLayout::new(&[1], &[3], &[1, 2], 1, 2, LossPositions::All, false, Rows::Padded).is_err());
     }
 
     #[test]
     fn bitmask_words_cover_every_column() {
         // 40 users × 5 targets = 200 columns = 7 words, the last one partial; everyone shares id 1.
         let ids: Vec<u32> = (0..200).map(|c| if c % 5 == 0 { 1 } else { 100 + c }).collect();
-        let lay = InfoNceLayout::new(&[1; 40], &[5; 40], &ids, 1, 5, LossPositions::All, false).unwrap();
+        let lay = InfoNceLayout::new(&[1; 40], &[5; 40], &ids, 1, 5, LossPositions::All, false, Rows::Padded).unwrap();
         assert_eq!(lay.words, 7);
         for i in 0..40 {
             let bits = &lay.ban[i * 7..(i + 1) * 7];

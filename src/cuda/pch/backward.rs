@@ -6,7 +6,7 @@
 //! only sums them. Layer 0 adds its QKV input gradient onto `d_res` in the GEMM instead: the adaptor's
 //! gradients need the sum itself.
 
-use super::GpuPch;
+use super::{Activations, GpuPch};
 use crate::bail_input;
 use crate::cuda::Gpu;
 use crate::cuda::memory::Dev;
@@ -14,18 +14,18 @@ use crate::pch::NORMALIZE_EPS;
 use anyhow::Result;
 
 impl GpuPch {
-    /// Adds to the gradient buffer the gradients of `Σ d_out · out` for the last [`Self::forward`], with
-    /// `d_out` `[rows, d_out]` fp32 in that pass's packed order. Gradients are computed from the
-    /// activations kept in the arena, so a second call adds the same gradients again.
-    pub fn backward(&self, gpu: &Gpu, d_out: Dev<f32>) -> Result<()> {
-        let Some(pass) = self.pass else { bail_input!("GPU PCH backward: no forward pass to differentiate") };
+    /// Adds to the gradient buffer the gradients of `Σ d_out · out` for the last [`Self::forward`] into
+    /// `acts`, with `d_out` `[rows, d_out]` fp32 in that pass's packed order. Gradients are computed from the
+    /// activations kept there, so a second call adds the same gradients again.
+    pub fn backward(&self, gpu: &Gpu, acts: &Activations, d_out: Dev<f32>) -> Result<()> {
+        let Some(pass) = acts.pass else { bail_input!("GPU PCH backward: no forward pass to differentiate") };
         let cfg = &self.config;
         let (d, f, o, heads, rows) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads, pass.rows);
         if d_out.len() != rows * o {
             bail_input!("GPU PCH backward: d_out holds {} values, expected {rows} × {o}", d_out.len());
         }
-        let (map, attn) = self.arena.batch(rows, pass.seqs, pass.len, heads, pass.tiles);
-        let a = &self.arena;
+        let (map, attn) = acts.arena.batch(rows, pass.seqs, pass.len, heads, pass.tiles);
+        let a = &acts.arena;
         let blas = &gpu.blas;
 
         // Head: normalisation (with the head bias), then the linear layer.

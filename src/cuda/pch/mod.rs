@@ -2,8 +2,10 @@
 //!
 //! Parameters live in one buffer in the canonical flat layout of [`PchParams`]: fp32 masters (LayerNorm and
 //! bias kernels read them), their fp16 copy (the GEMMs' operands; `adam_step` refreshes it) and fp32
-//! gradients, which the backward accumulates. Activations live in an [`arena::Arena`] sized once for a
-//! largest batch. Only the valid positions are computed, packed as the CPU reference packs them. Per layer:
+//! gradients, which the backward accumulates. A pass's activations live in an [`Activations`] arena sized
+//! once for a largest batch, apart from the model: training keeps one for the user tower and one for the
+//! item tower, both differentiated against the same parameters. Only the valid positions are computed,
+//! packed as the CPU reference packs them. Per layer:
 //! ```text
 //! qkv = x · Wqkvᵀ                      cuBLAS; the bias is added by the permute to the head-major q, k, v
 //! o = masked attention(q, k, v)        ctx = o with heads merged
@@ -49,7 +51,7 @@ struct Pass {
     mask: MaskKind,
 }
 
-/// A PCH model on one GPU with the activations of its last forward pass.
+/// A PCH model on one GPU: parameters, their fp16 copy and gradients.
 pub struct GpuPch {
     config: PchConfig,
     params: Dev<f32>,
@@ -60,19 +62,35 @@ pub struct GpuPch {
     layers: Vec<LayerSlots>,
     head_w: Slot,
     head_b: Slot,
-    arena: Arena,
-    pass: Option<Pass>,
     _weights: DeviceBuffer,
 }
 
+/// The activations of one forward pass, kept for its backward: an arena for batches of at most `max_rows`
+/// valid positions in `max_seqs` sequences, and what the last forward into it ran.
+pub struct Activations {
+    arena: Arena,
+    pass: Option<Pass>,
+    d_model: usize,
+}
+
+impl Activations {
+    /// Bytes of the arena.
+    pub fn bytes(&self) -> usize {
+        self.arena.bytes()
+    }
+
+    /// Valid positions of the last forward pass (0 before the first).
+    pub fn rows(&self) -> usize {
+        self.pass.map_or(0, |p| p.rows)
+    }
+}
+
 impl GpuPch {
-    /// Uploads `params` (gradients start at zero) and allocates the arena for batches of at most `max_rows`
-    /// valid positions in `max_seqs` sequences. Refuses what the kernels do not implement: dropout, learned
-    /// positions, item-id input, heads other than 64 wide, widths that are not multiples of 8.
-    pub fn new(gpu: &Gpu, params: &PchParams<f32>, max_rows: usize, max_seqs: usize) -> Result<Self> {
+    /// Uploads `params` (gradients start at zero). Refuses what the kernels do not implement: dropout,
+    /// learned positions, item-id input, heads other than 64 wide, widths that are not multiples of 8.
+    pub fn new(gpu: &Gpu, params: &PchParams<f32>) -> Result<Self> {
         let cfg = params.config().clone();
         check_config(&cfg)?;
-        ensure!(max_rows > 0 && max_seqs > 0, "GPU PCH: an arena for {max_rows} rows in {max_seqs} sequences");
         let n = params.flat().len();
         let mut plan = Layout::default();
         let (p32, p16, g32) = (plan.take::<f32>(n), plan.take::<f16>(n), plan.take::<f32>(n));
@@ -95,8 +113,6 @@ impl GpuPch {
             layers,
             head_w,
             head_b,
-            arena: Arena::new(gpu, &cfg, max_rows, max_seqs)?,
-            pass: None,
             config: cfg,
             _weights: weights,
         };
@@ -117,9 +133,26 @@ impl GpuPch {
         (self.params, self.params16, self.grads)
     }
 
-    /// Bytes of the activation arena.
-    pub fn arena_bytes(&self) -> usize {
-        self.arena.bytes()
+    /// An arena for the passes of batches of at most `max_rows` valid positions in `max_seqs` sequences.
+    pub fn activations(&self, gpu: &Gpu, max_rows: usize, max_seqs: usize) -> Result<Activations> {
+        ensure!(max_rows > 0 && max_seqs > 0, "GPU PCH: an arena for {max_rows} rows in {max_seqs} sequences");
+        let arena = Arena::new(gpu, &self.config, max_rows, max_seqs)?;
+        Ok(Activations { arena, pass: None, d_model: self.config.d_model })
+    }
+
+    /// Replaces the parameters (fp32 masters and their fp16 copy), as when a run resumes.
+    pub fn upload_params(&self, gpu: &Gpu, params: &PchParams<f32>) -> Result<()> {
+        ensure!(params.config() == &self.config, "GPU PCH: parameters of another model configuration");
+        gpu.upload(self.params, params.flat())?;
+        let halves: Vec<f16> = params.flat().iter().map(|&v| f16::from_f32(v)).collect();
+        gpu.upload(self.params16, &halves)
+    }
+
+    /// The fp32 master parameters.
+    pub fn download_params(&self, gpu: &Gpu) -> Result<PchParams<f32>> {
+        let mut out = PchParams::zeros(&self.config)?;
+        out.flat_mut().copy_from_slice(&gpu.download(self.params)?);
+        Ok(out)
     }
 
     pub fn zero_grads(&self, gpu: &Gpu) -> Result<()> {
@@ -147,20 +180,22 @@ impl GpuPch {
 
     /// Runs the model over a right-padded batch of content `[B, L, d_content]`: returns the outputs of the
     /// valid positions, packed in (sequence, position) order, `[rows, d_out]` fp32 (unit rows), and keeps
-    /// the activations for [`Self::backward`]. The result lives in the arena until the next forward.
+    /// the activations in `acts` for [`Self::backward`]. The result lives there until the next forward.
     pub fn forward(
-        &mut self,
+        &self,
         gpu: &Gpu,
+        acts: &mut Activations,
         content: GpuContent,
         shape: &PchBatchShape,
         mask: MaskKind,
     ) -> Result<Dev<f32>> {
-        self.pass = None;
+        acts.pass = None;
+        ensure!(acts.d_model == self.config.d_model, "GPU PCH: activations of another model");
         let cfg = &self.config;
         let (d, f, o, heads) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads);
-        let pass = self.upload_batch(gpu, content.len(), shape, mask)?;
-        let (map, attn) = self.arena.batch(pass.rows, pass.seqs, pass.len, heads, pass.tiles);
-        let (a, rows, eps) = (&self.arena, pass.rows, cfg.ln_eps as f32);
+        let pass = upload_batch(gpu, &acts.arena, cfg.d_content, content.len(), shape, mask)?;
+        let (map, attn) = acts.arena.batch(pass.rows, pass.seqs, pass.len, heads, pass.tiles);
+        let (a, rows, eps) = (&acts.arena, pass.rows, cfg.ln_eps as f32);
 
         // Adaptor: x0 = fp16(bias + content · Wᵀ), the bias as a rank-1 product so that x0 is rounded once.
         let x0 = a.layers[0].x;
@@ -190,44 +225,49 @@ impl GpuPch {
         gpu.blas.a_bt(a.z, a.last, self.p16(self.head_w), rows, o, d, false)?;
         let bias = Some(self.p32(self.head_b));
         gpu.l2norm_fwd(a.out, a.norms, a.z, bias, rows, o, NORMALIZE_EPS as f32)?;
-        self.pass = Some(pass);
+        acts.pass = Some(pass);
         Ok(a.out.slice(0, rows * o))
     }
+}
 
-    /// Checks a batch against the model and the arena, and uploads its row map and attention tiles.
-    fn upload_batch(&self, gpu: &Gpu, content_len: usize, shape: &PchBatchShape, mask: MaskKind) -> Result<Pass> {
-        let (b, l) = (shape.batch, shape.len);
-        if b == 0 || l == 0 || shape.lengths.len() != b {
-            bail_input!("GPU PCH: a batch of {b} × {l} positions with {} lengths", shape.lengths.len());
-        }
-        if let Some(s) = shape.lengths.iter().position(|&n| n > l) {
-            bail_input!("GPU PCH: sequence {s} has length {} beyond the padded length {l}", shape.lengths[s]);
-        }
-        let dc = self.config.d_content;
-        if content_len != b * l * dc {
-            bail_input!("GPU PCH: content holds {content_len} values, expected {b} × {l} × d_content {dc}");
-        }
-        let rows: usize = shape.lengths.iter().sum();
-        let (max_rows, max_seqs) = (self.arena.max_rows, self.arena.max_seqs);
-        if rows > max_rows || b > max_seqs {
-            bail_input!(
-                "GPU PCH: a batch of {rows} positions in {b} sequences; the arena holds {max_rows} in {max_seqs}"
-            );
-        }
-        let valid: Vec<i32> = shape.valid_rows().map(|r| r as i32).collect();
-        let mut offsets = vec![0usize];
-        offsets.extend(shape.lengths.iter().scan(0, |at, &n| {
-            *at += n;
-            Some(*at)
-        }));
-        let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
-        let mut tiles = Vec::new();
-        attention_tiles(&offsets, &mut tiles);
-        gpu.upload(self.arena.valid, &valid)?;
-        gpu.upload(self.arena.cu_seqlens, &cu)?;
-        gpu.upload(self.arena.tiles, &tiles)?;
-        Ok(Pass { rows, seqs: b, len: l, tiles: tiles.len(), mask })
+/// Checks a batch against the model's input width and the arena, and uploads its row map and attention
+/// tiles.
+fn upload_batch(
+    gpu: &Gpu,
+    arena: &Arena,
+    dc: usize,
+    content_len: usize,
+    shape: &PchBatchShape,
+    mask: MaskKind,
+) -> Result<Pass> {
+    let (b, l) = (shape.batch, shape.len);
+    if b == 0 || l == 0 || shape.lengths.len() != b {
+        bail_input!("GPU PCH: a batch of {b} × {l} positions with {} lengths", shape.lengths.len());
     }
+    if let Some(s) = shape.lengths.iter().position(|&n| n > l) {
+        bail_input!("GPU PCH: sequence {s} has length {} beyond the padded length {l}", shape.lengths[s]);
+    }
+    if content_len != b * l * dc {
+        bail_input!("GPU PCH: content holds {content_len} values, expected {b} × {l} × d_content {dc}");
+    }
+    let rows: usize = shape.lengths.iter().sum();
+    let (max_rows, max_seqs) = (arena.max_rows, arena.max_seqs);
+    if rows > max_rows || b > max_seqs {
+        bail_input!("GPU PCH: a batch of {rows} positions in {b} sequences; the arena holds {max_rows} in {max_seqs}");
+    }
+    let valid: Vec<i32> = shape.valid_rows().map(|r| r as i32).collect();
+    let mut offsets = vec![0usize];
+    offsets.extend(shape.lengths.iter().scan(0, |at, &n| {
+        *at += n;
+        Some(*at)
+    }));
+    let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+    let mut tiles = Vec::new();
+    attention_tiles(&offsets, &mut tiles);
+    gpu.upload(arena.valid, &valid)?;
+    gpu.upload(arena.cu_seqlens, &cu)?;
+    gpu.upload(arena.tiles, &tiles)?;
+    Ok(Pass { rows, seqs: b, len: l, tiles: tiles.len(), mask })
 }
 
 /// What the GPU tower implements; the rest is refused with the reason.
