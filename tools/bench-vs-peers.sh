@@ -1,16 +1,56 @@
 #!/usr/bin/env bash
-# learn-kern's embedding throughput against its peers, on the same GPU, same items, same token budget, in
-# one run (SPEC §7), ending with one ratio table:
+# learn-kern's embedding (or, with `train`, training-step) throughput against its peers, on the same GPU, same
+# items, same token budget, in one run (SPEC §7), ending with one ratio table:
 #   learn-kern bench embed           packed varlen batches, this engine
 #   tools/peer/embed_hf.py batched   Hugging Face LlamaModel, fp16, SDPA, length-sorted padded batches
 #   tools/peer/embed_hf.py bs1       the official LEARN extraction style: batch size 1, fp16
 #
-# usage: tools/bench-vs-peers.sh [--preset P] [--batch-tokens N] [--items N] [--bs1-items N] [--bin PATH]
+# usage: tools/bench-vs-peers.sh [embed] [--preset P] [--batch-tokens N] [--items N] [--bs1-items N] [--bin PATH]
 #                                [--out DIR]
 # Defaults: baichuan2-7b, 8192 tokens, 2048 items of 16–128 tokens, the first 256 of them for bs1 (a rate,
 # so fewer items only shorten the run), target/release/learn-kern, reports in ./bench-out (or $OUT).
+#
+# Training steps the same way, with `train` first:
+#   learn-kern bench train              this engine
+#   tools/peer/train_torch.py eager     the official LEARN module structure (BertEncoder, causal mask), AMP fp16
+#   tools/peer/train_torch.py compile   the same under torch.compile (compile time reported apart)
+# usage: tools/bench-vs-peers.sh train [--preset P] [--batch-users B] [--history H] [--targets T] [--bin PATH]
+#                                      [--out DIR]
+# Defaults: pch-base, 30 users of 80 history and 40 target items (SPEC §7).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == train ]]; then
+    shift
+    preset=pch-base batch_users=30 history=80 targets=40
+    bin=target/release/learn-kern out="${OUT:-bench-out}"
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --preset) preset="$2"; shift 2 ;;
+            --batch-users) batch_users="$2"; shift 2 ;;
+            --history) history="$2"; shift 2 ;;
+            --targets) targets="$2"; shift 2 ;;
+            --bin) bin="$2"; shift 2 ;;
+            --out) out="$2"; shift 2 ;;
+            *) echo "bench-vs-peers.sh train: unknown argument $1" >&2; exit 2 ;;
+        esac
+    done
+    mkdir -p "$out"
+    tag="train-$preset-$batch_users-$history-$targets"
+    shape=(--preset "$preset" --batch-users "$batch_users" --history "$history" --targets "$targets")
+    rm -f "$out"/{learn-kern,torch-eager,torch-compile}-"$tag".json  # no stale row from an earlier run
+    # Any one that fails (out of memory, say) leaves its row empty; the others still run.
+    "$bin" bench train --device cuda "${shape[@]}" --json "$out/learn-kern-$tag.json" >/dev/null ||
+        echo "bench-vs-peers.sh: learn-kern bench train failed" >&2
+    for mode in eager compile; do
+        python3 tools/peer/train_torch.py --mode "$mode" "${shape[@]}" --json "$out/torch-$mode-$tag.json" \
+            >/dev/null || echo "bench-vs-peers.sh: the PyTorch $mode peer failed" >&2
+    done
+    python3 tools/peer/ratio_table.py "$out/learn-kern-$tag.json" "$out/torch-eager-$tag.json" \
+        "$out/torch-compile-$tag.json" | tee "$out/table-$tag.txt"
+    exit 0
+fi
+if [[ "${1:-}" == embed ]]; then shift; fi
 
 preset=baichuan2-7b batch_tokens=8192 items=2048 bs1_items=256
 bin=target/release/learn-kern out="${OUT:-bench-out}"
