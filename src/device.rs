@@ -99,6 +99,23 @@ pub fn choose(common: &Common, command: &str, cuda_engine: bool) -> Result<Devic
     }
 }
 
+/// [`choose`] for a command whose CUDA engine can refuse a job (a model it does not implement, say):
+/// `refused` says why, checked only when a GPU was chosen. `auto` then falls back to the CPU with a notice;
+/// an explicit `--device cuda` is an error naming the reason.
+pub fn choose_for_job(common: &Common, command: &str, refused: impl FnOnce() -> Result<()>) -> Result<Device> {
+    let device = choose(common, command, true)?;
+    if let Device::Cuda(_) = device
+        && let Err(why) = refused()
+    {
+        if DeviceRequest::parse(&common.device)? == DeviceRequest::Auto {
+            common.notice(format!("note: `{command}` runs on the CPU: {why}"));
+            return Ok(Device::Cpu);
+        }
+        return Err(input(format!("--device {}: {why}", common.device)));
+    }
+    Ok(device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

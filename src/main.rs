@@ -33,7 +33,7 @@ enum Command {
     /// PyTorch .bin checkpoints → safetensors.
     Convert(convert::ConvertArgs),
     /// Train the PCH model (user and item towers) with the dense all-action InfoNCE loss.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Retrieval metrics (H@K, R@K, N@K) of a checkpoint, beside a most-popular baseline.
     Eval(eval::EvalArgs),
     /// Write user or item embeddings of a checkpoint for serving.

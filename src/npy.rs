@@ -113,6 +113,21 @@ fn decode_row(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
     }
 }
 
+/// One row as fp16, the GPU's input precision: f16 rows are copied, f32 rows rounded to nearest.
+fn decode_row_f16(bytes: &[u8], dtype: Dtype, out: &mut [f16]) {
+    match dtype {
+        Dtype::F16 => {
+            let n = out.len() * 2;
+            bytemuck::cast_slice_mut::<f16, u8>(out).copy_from_slice(&bytes[..n]);
+        }
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            }
+        }
+    }
+}
+
 /// A read-only, memory-mapped 2-D array.
 pub struct NpyMatrix {
     map: Mmap,
@@ -158,6 +173,11 @@ impl NpyMatrix {
         let mut out = vec![0.0; self.cols];
         self.read_row(r, &mut out);
         out
+    }
+
+    /// Row `r` as fp16 into `out` (length `cols`).
+    pub fn read_row_f16(&self, r: usize, out: &mut [f16]) {
+        decode_row_f16(self.row_bytes(r), self.dtype, out);
     }
 }
 

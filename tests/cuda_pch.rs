@@ -5,7 +5,7 @@
 
 mod cuda_support;
 
-use cuda_support::{f16s, gpu, rng, upload, widen};
+use cuda_support::{assert_rel, f16s, gpu, rng, upload, widen};
 use learn_kern::cuda::Gpu;
 use learn_kern::cuda::pch::{GpuContent, GpuPch};
 use learn_kern::pch::{self, MaskKind, PchBatchShape, PchConfig, PchInput, PchParams};
@@ -29,23 +29,6 @@ fn shape(rng: &mut ChaCha8Rng) -> PchBatchShape {
     let len = 70;
     let lengths = vec![len, 1, rng.random_range(2..len), 64, rng.random_range(1..=len)];
     PchBatchShape { batch: lengths.len(), len, lengths }
-}
-
-/// Per tensor: the relative L2 error within `rel`, and every element within 5·rel of the tensor's largest.
-fn assert_rel(got: &[f64], want: &[f64], rel: f64, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let norm = want.iter().map(|w| w * w).sum::<f64>().sqrt();
-    let scale = want.iter().fold(0.0f64, |a, w| a.max(w.abs()));
-    assert!(scale > 0.0, "{what}: the reference is all zeros, which checks nothing");
-    let mut err2 = 0.0;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let e = (g - w).abs();
-        assert!(e <= 5.0 * rel * scale, "{what}: element {i}: got {g}, want {w} (largest {scale:e})");
-        err2 += e * e;
-    }
-    let relative = err2.sqrt() / norm;
-    assert!(relative <= rel, "{what}: relative L2 error {relative:e} above {rel:e}");
-    eprintln!("{what}: {} values, relative L2 error {relative:.2e}", got.len());
 }
 
 fn check(gpu: &Gpu, rng: &mut ChaCha8Rng, mask: MaskKind, half: bool) {
@@ -98,6 +81,23 @@ fn check(gpu: &Gpu, rng: &mut ChaCha8Rng, mask: MaskKind, half: bool) {
         let got: Vec<f64> = got.iter().zip(start).map(|(&g, &s)| g as f64 - s as f64).collect();
         let want: Vec<f64> = want.iter().zip(start).map(|(&w, &s)| w - s as f64).collect();
         assert_rel(&got, &want, 1e-2, &format!("{what}: d {name}"));
+    }
+
+    // The same batch given as packed fp16 rows (what training gathers) computes the same bits.
+    if half {
+        let packed_content: Vec<f32> =
+            shape.valid_rows().flat_map(|r| content[r * dc..(r + 1) * dc].to_vec()).collect();
+        let (_p, packed_dev) = upload(gpu, &f16s(&packed_content));
+        let grads_padded = gpu.download(model.buffers().2).unwrap();
+        let out_padded = gpu.download(out).unwrap();
+        let mut acts2 = model.activations(gpu, rows, b).unwrap();
+        let out2 = model.forward(gpu, &mut acts2, GpuContent::PackedF16(packed_dev), &shape, mask).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&gpu.download(out2).unwrap()), bits(&out_padded), "{what}: packed content outputs");
+        model.zero_grads(gpu).unwrap();
+        gpu.upload(model.buffers().2, &base).unwrap();
+        model.backward(gpu, &acts2, d_out_dev).unwrap();
+        assert_eq!(bits(&gpu.download(model.buffers().2).unwrap()), bits(&grads_padded), "{what}: packed gradients");
     }
 }
 

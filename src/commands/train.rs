@@ -4,10 +4,11 @@
 
 use crate::cli::Common;
 use crate::data::sequences;
+use crate::device::Device;
 use crate::embed::store::ContentStore;
 use crate::error::input;
 use crate::pch::config::{InputKind, ItemTower, PchConfig, Positions};
-use crate::train::run::{self, TrainData, TrainSettings, batches_per_epoch};
+use crate::train::run::{self, TrainData, TrainDevice, TrainSettings, batches_per_epoch};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -174,7 +175,6 @@ fn read_settings(dir: &Path) -> Result<Option<TrainSettings>> {
 }
 
 pub fn run(args: &TrainArgs, common: &Common) -> Result<()> {
-    crate::device::choose(common, "train", false)?;
     let (settings, out, store, seqs) = match &args.resume {
         Some(dir) => {
             let settings = read_settings(dir)?.ok_or_else(|| {
@@ -187,7 +187,14 @@ pub fn run(args: &TrainArgs, common: &Common) -> Result<()> {
         None => fresh(args)?,
     };
     let data = TrainData { store: &store, sequences: &seqs };
-    let report = run::train(&settings, &data, &out, common.quiet)?;
+    let device = match crate::device::choose_for_job(common, "train", || {
+        crate::cuda::trainer::check_trainable(&settings.model, settings.targets)
+    })? {
+        Device::Cpu => TrainDevice::Cpu,
+        Device::Cuda(list) if list.len() == 1 => TrainDevice::Cuda(list[0]),
+        Device::Cuda(_) => return Err(input(format!("--device {}: `train` runs on one GPU", common.device))),
+    };
+    let report = run::train(&settings, &data, &out, device, common.quiet)?;
     if report.steps_run == 0 {
         common.notice(format!("{}: already trained to step {}; nothing to do", out.display(), report.total_steps));
     } else {

@@ -680,7 +680,7 @@ mod tests {
                 let (_, du, di) = case.run(3, 4);
                 let eps = 1e-6;
                 for (which, grad) in [(0, &du), (1, &di)] {
-                    for e in 0..grad.len() {
+                    for (e, &analytic) in grad.iter().enumerate() {
                         let bumped = |delta: f64| {
                             let mut c = case.clone();
                             if which == 0 {
@@ -692,9 +692,8 @@ mod tests {
                         };
                         let fd = (bumped(eps) - bumped(-eps)) / (2.0 * eps);
                         assert!(
-                            (fd - grad[e]).abs() < 1e-7 * (1.0 + fd.abs()),
-                            "input {which} element {e}: fd {fd} vs {}",
-                            grad[e]
+                            (fd - analytic).abs() < 1e-7 * (1.0 + fd.abs()),
+                            "input {which} element {e}: fd {fd} vs {analytic}"
                         );
                     }
                 }

@@ -154,8 +154,8 @@ pub fn bench_embed(ordinal: usize, spec: &EmbedBenchSpec, quiet: bool) -> Result
     anyhow::ensure!(finite, "the benchmark produced non-finite embeddings (fp16 overflow in the random model?)");
 
     let tokens: usize = spec.lengths.iter().sum();
-    let flops: f64 = spec.lengths.iter().map(|&n| c.flops_per_sequence(n) as f64).sum();
-    let per_token = c.flops_per_token() as f64;
+    let flops: f64 = spec.lengths.iter().map(|&n| c.flops_per_sequence(n)).sum();
+    let per_token = c.flops_per_token();
     let tokens_per_s = tokens as f64 / seconds;
     let memory = encoder.memory();
     let (free, total) = encoder.gpu().memory()?;

@@ -15,6 +15,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod pch;
 pub mod train_ops;
+pub mod trainer;
 
 pub use gpu::Gpu;
 pub mod encoder;

@@ -65,7 +65,7 @@ pub struct Interaction {
 pub fn read_table(path: &Path, format: &TableFormat) -> Result<Vec<Interaction>> {
     let file = std::fs::File::open(path)
         .map_err(|e| input(format!("{}: cannot open the interactions table ({e})", path.display())))?;
-    let mut lines = BufReader::new(file).lines().enumerate();
+    let lines = BufReader::new(file).lines().enumerate();
     let mut out = Vec::new();
     let mut columns: Option<(char, [usize; 3])> = None;
     let resolve = |sep: char, header: Option<&str>| -> Result<(char, [usize; 3])> {
@@ -74,7 +74,7 @@ pub fn read_table(path: &Path, format: &TableFormat) -> Result<Vec<Interaction>>
         let [u, i, t] = cols;
         Ok((sep, [u?, i?, t?]))
     };
-    while let Some((index, line)) = lines.next() {
+    for (index, line) in lines {
         let number = index + 1;
         let line = line.map_err(|_| input(format!("{} line {number}: is not valid UTF-8", path.display())))?;
         if line.trim().is_empty() {

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 
 /// `count` users over `items`, each with a history of 8–40 items and 4–12 targets, deterministic per seed.
 pub fn generate(items: &[GeneratedItem], count: usize, seed: u64) -> Vec<SequenceRecord> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_05e5);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed0f_05e5);
     let mut by_category: Vec<Vec<usize>> = vec![Vec::new(); category_count()];
     for (row, item) in items.iter().enumerate() {
         by_category[item.category].push(row);

@@ -160,7 +160,7 @@ mod tests {
         let b = dir.path().join("b");
         shard_store(&a, 0, 2, 5, 2);
         shard_store(&b, 1, 2, 5, 3);
-        let err = merge(&[a.clone()], &dir.path().join("o"), false).unwrap_err();
+        let err = merge(std::slice::from_ref(&a), &dir.path().join("o"), false).unwrap_err();
         assert!(err.to_string().contains("exactly once"), "{err}");
         let err = merge(&[a, b], &dir.path().join("o"), false).unwrap_err();
         assert!(err.to_string().contains("dim differs"), "{err}");

@@ -295,6 +295,11 @@ impl ContentStore {
     pub fn row(&self, r: usize) -> Vec<f32> {
         self.matrix.row(r)
     }
+
+    /// Row `r` as fp16 into `out` (length `dim`): the GPU's input, copied as stored when the store is f16.
+    pub fn read_row_f16(&self, r: usize, out: &mut [half::f16]) {
+        self.matrix.read_row_f16(r, out);
+    }
 }
 
 #[cfg(test)]

@@ -112,7 +112,10 @@ pub fn top_k<S: PartialOrd + Copy>(scores: &[S], k: usize, exclude: &[usize]) ->
 /// product, best first, leaving out that user's `exclude` rows. The gallery is scored in chunks, one
 /// product per chunk, and each user's selection runs in parallel.
 pub fn top_k_block(users: &[f32], gallery: &[f32], d: usize, k: usize, exclude: &[&[usize]]) -> Vec<Vec<Hit<f32>>> {
-    assert!(d > 0 && users.len() % d == 0 && gallery.len() % d == 0, "top_k_block: rows are not {d} wide");
+    assert!(
+        d > 0 && users.len().is_multiple_of(d) && gallery.len().is_multiple_of(d),
+        "top_k_block: rows are not {d} wide"
+    );
     let (n, m) = (users.len() / d, gallery.len() / d);
     assert_eq!(exclude.len(), n, "top_k_block: {n} users but {} exclusion lists", exclude.len());
     let exclude: Vec<Vec<usize>> = exclude.iter().map(|e| sorted(e)).collect();

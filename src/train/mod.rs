@@ -2,6 +2,8 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod engine;
+pub mod loss_scale;
 pub mod optim;
 pub mod run;
 pub mod schedule;

@@ -7,18 +7,17 @@
 //! everything needed to continue exactly, in one file so a kill can never pair mismatched halves) and
 //! `train.log.jsonl`. Rerunning the same command, or `--resume DIR`, continues from the last saved step.
 
-use super::batch::Batch;
 use super::checkpoint::{self, MappedSafetensors, write_f32_safetensors};
-use super::optim::{Adam, AdamConfig, clip_grad_norm, grad_norm};
+use super::engine::{CpuEngine, OptimState, StepEngine, StepSettings};
+use super::loss_scale::LossScale;
+use super::optim::AdamConfig;
 use super::schedule::Schedule;
-use crate::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
-use crate::cpu::masked_attention::MaskKind;
+use crate::cpu::infonce::LossPositions;
 use crate::data::sequences::{Sequences, UserSequence};
 use crate::embed::store::ContentStore;
 use crate::error::input;
-use crate::pch::config::{InputKind, ItemTower, PchConfig};
+use crate::pch::config::{InputKind, PchConfig};
 use crate::pch::params::PchParams;
-use crate::pch::{PchCache, backward, forward_reusing};
 use anyhow::{Context, Result, anyhow, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -34,9 +33,6 @@ pub const SETTINGS: &str = "train.json";
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const LOG: &str = "train.log.jsonl";
-
-/// The ChaCha stream of the dropout masks (parameter initialisation uses its own streams).
-const DROPOUT_STREAM: u64 = 1 << 40;
 
 /// Everything that determines a run; stored as `train.json` and compared on resume.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -110,8 +106,11 @@ struct TrainState {
     dropout_word_pos: String,
     /// Seconds of training before this process (resumed runs keep counting).
     elapsed_s: f64,
-    /// The fp16 loss scale of the GPU path; 1 on the CPU (kept so a run can move between devices).
+    /// The fp16 loss scale of the GPU path and its clean steps since the last change (carried unchanged
+    /// by the CPU, so a run can move between devices).
     loss_scale: f64,
+    #[serde(default)]
+    loss_scale_clean_steps: u32,
 }
 
 /// One line of `train.log.jsonl` (SPEC §4.4).
@@ -120,10 +119,14 @@ pub struct LogLine {
     pub step: usize,
     pub loss: f64,
     pub lr: f64,
-    pub grad_norm: f64,
+    /// `null` for a step whose fp16 gradients overflowed (then `skipped` is true).
+    pub grad_norm: Option<f64>,
     pub users: usize,
     pub pairs: usize,
     pub elapsed_s: f64,
+    /// Present (true) only for a GPU step skipped for overflow: nothing was applied.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// How a call to [`train`] ended.
@@ -190,8 +193,26 @@ impl Order {
     }
 }
 
-/// Runs (or continues) the run in `out` to `settings.steps` updates.
-pub fn train(settings: &TrainSettings, data: &TrainData, out: &Path, quiet: bool) -> Result<TrainReport> {
+/// Where a run trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainDevice {
+    Cpu,
+    /// One GPU, by ordinal.
+    Cuda(usize),
+}
+
+/// Overflowing steps in a row after which a GPU run stops: the scale has fallen from 2^16 to 1 and the
+/// gradients still do not fit fp16, which no further halving can fix.
+const MAX_SKIPS_IN_A_ROW: usize = 24;
+
+/// Runs (or continues) the run in `out` to `settings.steps` updates on `device`.
+pub fn train(
+    settings: &TrainSettings,
+    data: &TrainData,
+    out: &Path,
+    device: TrainDevice,
+    quiet: bool,
+) -> Result<TrainReport> {
     settings.check()?;
     let users = &data.sequences.users;
     if users.is_empty() {
@@ -201,12 +222,9 @@ pub fn train(settings: &TrainSettings, data: &TrainData, out: &Path, quiet: bool
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     crate::fsutil::remove_stale_temps(out);
 
-    let (mut params, mut adam, mut state, resumed_from) = start(settings, out)?;
+    let (optim, mut state, resumed_from) = start(settings, out)?;
     truncate_log(&out.join(LOG), state.step)?;
     let schedule = Schedule::new(settings.lr, settings.steps, settings.warmup_frac)?;
-    let mut dropout_rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    dropout_rng.set_stream(DROPOUT_STREAM);
-    dropout_rng.set_word_pos(state.dropout_word_pos.parse::<u128>().unwrap_or(0));
     let mut order = Order {
         users: users.len(),
         batch: settings.batch_users,
@@ -220,98 +238,62 @@ pub fn train(settings: &TrainSettings, data: &TrainData, out: &Path, quiet: bool
         .open(out.join(LOG))
         .with_context(|| format!("{}: cannot open the log", out.join(LOG).display()))?;
 
-    let store = (settings.model.input == InputKind::Content).then_some(data.store);
-    let item_mask = match settings.model.item_tower {
-        ItemTower::Causal => MaskKind::Causal,
-        ItemTower::SelfOnly => MaskKind::Diagonal,
+    let step_settings = StepSettings {
+        history: settings.history,
+        targets: settings.targets,
+        tau: settings.tau as f32,
+        keep_false_negatives: settings.keep_false_negatives,
+        positions: if settings.loss_positions_last { LossPositions::Last } else { LossPositions::All },
+        item_tower: settings.model.item_tower,
+        clip_grad_norm: settings.clip_grad_norm,
+        adam: settings.adam(),
+        seed: settings.seed,
+        log_q: settings.logq_correction.then(|| target_log_q(users, settings.targets, data.store.len())),
     };
-    let positions = if settings.loss_positions_last { LossPositions::Last } else { LossPositions::All };
-    let log_q_items = settings.logq_correction.then(|| target_log_q(users, settings.targets, data.store.len()));
-    let mut grads = params.zeros_like();
-    let (mut user_cache, mut item_cache) = (PchCache::default(), PchCache::default());
+    let mut engine: Box<dyn StepEngine + '_> = match device {
+        TrainDevice::Cpu => Box::new(CpuEngine::new(step_settings, data.store, optim)?),
+        TrainDevice::Cuda(ordinal) => gpu_engine(ordinal, step_settings, data.store, optim, settings.batch_users)?,
+    };
     let started = Instant::now();
     let first_step = state.step;
     let bar = progress_bar(quiet, settings.steps, first_step);
-    let mut last = None;
+    let (mut last, mut skips_in_a_row) = (None, 0);
+    let mut batch = order.batch_of(state.step);
 
     while state.step < settings.steps {
         let step = state.step;
-        let chosen: Vec<&UserSequence> = order.batch_of(step).into_iter().map(|i| &users[i]).collect();
-        let batch = Batch::assemble(&chosen, settings.history, settings.targets, store);
-        let dropout = settings.model.dropout > 0.0;
-        let u = forward_reusing(
-            &params,
-            batch.history.input(),
-            &batch.history.shape,
-            MaskKind::Causal,
-            dropout.then_some(&mut dropout_rng as &mut dyn rand::Rng),
-            &mut user_cache,
-        )?
-        .to_vec();
-        let v = forward_reusing(
-            &params,
-            batch.targets.input(),
-            &batch.targets.shape,
-            item_mask,
-            dropout.then_some(&mut dropout_rng as &mut dyn rand::Rng),
-            &mut item_cache,
-        )?
-        .to_vec();
-        let (mut du, mut dv) = (vec![0.0f32; u.len()], vec![0.0f32; v.len()]);
-        let log_q: Option<Vec<f32>> =
-            log_q_items.as_ref().map(|per_item| batch.targets.rows.iter().map(|&r| per_item[r as usize]).collect());
-        let loss = infonce(
-            &InfoNceBatch {
-                users: &u,
-                hist_len: &batch.history.shape.lengths,
-                items: &v,
-                tgt_len: &batch.targets.shape.lengths,
-                target_ids: &batch.targets.rows,
-                h: batch.history.shape.len,
-                t: batch.targets.shape.len,
-                d: settings.model.d_out,
-                tau: settings.tau as f32,
-                keep_false_negatives: settings.keep_false_negatives,
-                positions,
-                log_q: log_q.as_deref(),
-            },
-            &mut du,
-            &mut dv,
-        );
-        if !loss.loss.is_finite() {
-            return Err(diverged(step, "loss", loss.loss as f64, out));
-        }
-        grads.fill_zero();
-        backward(&params, &user_cache, &du, &mut grads);
-        backward(&params, &item_cache, &dv, &mut grads);
-        let norm = match settings.clip_grad_norm {
-            Some(max) => clip_grad_norm(&mut [grads.flat_mut()], max),
-            None => grad_norm(&[grads.flat()]),
-        };
-        if !norm.is_finite() {
-            return Err(diverged(step, "gradient norm", norm, out));
-        }
+        let chosen: Vec<&UserSequence> = batch.iter().map(|&i| &users[i]).collect();
+        let next_batch = (step + 1 < settings.steps).then(|| order.batch_of(step + 1));
+        let next: Option<Vec<&UserSequence>> = next_batch.as_ref().map(|b| b.iter().map(|&i| &users[i]).collect());
         let lr = schedule.lr_at(step);
-        adam.update(&mut [params.flat_mut()], &[grads.flat()], lr);
+        let outcome = engine.step(&chosen, next.as_deref(), lr)?;
+        if !outcome.loss.is_finite() {
+            return Err(diverged(step, "loss", outcome.loss, out));
+        }
+        skips_in_a_row = if outcome.skipped { skips_in_a_row + 1 } else { 0 };
+        if (!outcome.skipped && !outcome.grad_norm.is_finite()) || skips_in_a_row >= MAX_SKIPS_IN_A_ROW {
+            return Err(diverged(step, "gradient norm", outcome.grad_norm, out));
+        }
         state.step += 1;
         let line = LogLine {
             step: state.step,
-            loss: loss.loss as f64,
+            loss: outcome.loss,
             lr,
-            grad_norm: norm,
+            grad_norm: outcome.grad_norm.is_finite().then_some(outcome.grad_norm),
             users: chosen.len(),
-            pairs: loss.pairs,
+            pairs: outcome.pairs,
             elapsed_s: state.elapsed_s + started.elapsed().as_secs_f64(),
+            skipped: outcome.skipped,
         };
         writeln!(log, "{}", serde_json::to_string(&line)?).context("cannot append to train.log.jsonl")?;
         bar.inc(1);
-        bar.set_message(format!("loss {:.4}", line.loss));
+        bar.set_message(format!("loss {:.4}{}", line.loss, if line.skipped { " (overflow: skipped)" } else { "" }));
         if state.step % settings.checkpoint_every == 0 || state.step == settings.steps {
             log.sync_data().context("cannot sync train.log.jsonl")?;
-            state.dropout_word_pos = dropout_rng.get_word_pos().to_string();
-            save(out, &params, &adam, &TrainState { elapsed_s: line.elapsed_s, ..state.clone() })?;
+            save(out, &engine.state()?, &TrainState { elapsed_s: line.elapsed_s, ..state.clone() })?;
         }
         last = Some(line);
+        batch = next_batch.unwrap_or_default();
     }
     bar.finish_and_clear();
     Ok(TrainReport {
@@ -324,6 +306,16 @@ pub fn train(settings: &TrainSettings, data: &TrainData, out: &Path, quiet: bool
         dropped_ids: data.sequences.dropped_ids,
         users: users.len(),
     })
+}
+
+fn gpu_engine<'a>(
+    ordinal: usize,
+    settings: StepSettings,
+    store: &'a ContentStore,
+    optim: OptimState,
+    max_users: usize,
+) -> Result<Box<dyn StepEngine + 'a>> {
+    Ok(Box::new(crate::cuda::trainer::GpuTrainer::new(ordinal, settings, store, optim, max_users)?))
 }
 
 fn progress_bar(quiet: bool, total: usize, done: usize) -> indicatif::ProgressBar {
@@ -369,12 +361,11 @@ fn check_model_fits(model: &PchConfig, store: &ContentStore) -> Result<()> {
 }
 
 /// Fresh parameters (from `--init` or the seed) or the state of an interrupted run.
-fn start(settings: &TrainSettings, out: &Path) -> Result<(PchParams<f32>, Adam, TrainState, Option<usize>)> {
-    let fresh_state = TrainState { step: 0, dropout_word_pos: "0".into(), elapsed_s: 0.0, loss_scale: 1.0 };
+fn start(settings: &TrainSettings, out: &Path) -> Result<(OptimState, TrainState, Option<usize>)> {
     if out.join(OPTIMIZER).exists() {
-        let (params, adam, state) = load_state(out, settings)?;
+        let (optim, state) = load_state(out, settings)?;
         let step = state.step;
-        return Ok((params, adam, state, Some(step)));
+        return Ok((optim, state, Some(step)));
     }
     let params = match &settings.init {
         Some(path) => {
@@ -386,27 +377,40 @@ fn start(settings: &TrainSettings, out: &Path) -> Result<(PchParams<f32>, Adam, 
         }
         None => PchParams::init(&settings.model, settings.seed)?,
     };
-    let adam = Adam::new(settings.adam(), &[params.flat().len()]);
-    Ok((params, adam, fresh_state, None))
+    let optim = OptimState::fresh(params);
+    let fresh_state = TrainState {
+        step: 0,
+        dropout_word_pos: "0".into(),
+        elapsed_s: 0.0,
+        loss_scale: optim.loss_scale.scale,
+        loss_scale_clean_steps: 0,
+    };
+    Ok((optim, fresh_state, None))
 }
 
 /// Writes the optimizer state (with the parameters) and then the checkpoint, each atomically.
-fn save(out: &Path, params: &PchParams<f32>, adam: &Adam, state: &TrainState) -> Result<()> {
-    let n = params.flat().len();
+fn save(out: &Path, optim: &OptimState, state: &TrainState) -> Result<()> {
+    let n = optim.params.flat().len();
+    let state = TrainState {
+        dropout_word_pos: optim.dropout_word_pos.to_string(),
+        loss_scale: optim.loss_scale.scale,
+        loss_scale_clean_steps: optim.loss_scale.clean_steps,
+        ..state.clone()
+    };
     let metadata = HashMap::from([
-        ("config".to_string(), params.config().to_json()),
-        ("state".to_string(), serde_json::to_string(state)?),
-        ("adam_step".to_string(), adam.step.to_string()),
+        ("config".to_string(), optim.params.config().to_json()),
+        ("state".to_string(), serde_json::to_string(&state)?),
+        ("adam_step".to_string(), optim.adam_step.to_string()),
     ]);
     write_f32_safetensors(
         &out.join(OPTIMIZER),
-        &[("params", vec![n], params.flat()), ("adam.m", vec![n], &adam.m[0]), ("adam.v", vec![n], &adam.v[0])],
+        &[("params", vec![n], optim.params.flat()), ("adam.m", vec![n], &optim.m), ("adam.v", vec![n], &optim.v)],
         metadata,
     )?;
-    checkpoint::save(&out.join(CHECKPOINT), params, &[("step", state.step.to_string())])
+    checkpoint::save(&out.join(CHECKPOINT), &optim.params, &[("step", state.step.to_string())])
 }
 
-fn load_state(out: &Path, settings: &TrainSettings) -> Result<(PchParams<f32>, Adam, TrainState)> {
+fn load_state(out: &Path, settings: &TrainSettings) -> Result<(OptimState, TrainState)> {
     let path = out.join(OPTIMIZER);
     let file = MappedSafetensors::open(&path)?;
     let meta = file.metadata()?;
@@ -430,8 +434,17 @@ fn load_state(out: &Path, settings: &TrainSettings) -> Result<(PchParams<f32>, A
     params.flat_mut().copy_from_slice(&take("params")?);
     let (m, v) = (take("adam.m")?, take("adam.v")?);
     let adam_step: u64 = meta.get("adam_step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("no adam_step"))?;
-    let adam = Adam::restore(settings.adam(), adam_step, vec![m], vec![v], &[n])?;
-    Ok((params, adam, state))
+    let dropout_word_pos =
+        state.dropout_word_pos.parse::<u128>().map_err(|_| bad("an unreadable dropout RNG position"))?;
+    let optim = OptimState {
+        params,
+        adam_step,
+        m,
+        v,
+        loss_scale: LossScale::restore(state.loss_scale, state.loss_scale_clean_steps),
+        dropout_word_pos,
+    };
+    Ok((optim, state))
 }
 
 /// Drops log lines past `step` (written after the last saved state by a run that was then killed).

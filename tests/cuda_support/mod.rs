@@ -108,3 +108,20 @@ pub fn uniform(rng: &mut impl RngExt, n: usize, scale: f32) -> Vec<f32> {
 pub fn f16_tol(rel: f64) -> impl Fn(f64) -> f64 {
     move |w: f64| w.abs() * (F16_HALF_ULP + rel) + F16_TINY
 }
+
+/// Per tensor: the relative L2 error within `rel`, and every element within 5·rel of the tensor's largest.
+pub fn assert_rel(got: &[f64], want: &[f64], rel: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let norm = want.iter().map(|w| w * w).sum::<f64>().sqrt();
+    let scale = want.iter().fold(0.0f64, |a, w| a.max(w.abs()));
+    assert!(scale > 0.0, "{what}: the reference is all zeros, which checks nothing");
+    let mut err2 = 0.0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (g - w).abs();
+        assert!(e <= 5.0 * rel * scale, "{what}: element {i}: got {g}, want {w} (largest {scale:e})");
+        err2 += e * e;
+    }
+    let relative = err2.sqrt() / norm;
+    assert!(relative <= rel, "{what}: relative L2 error {relative:e} above {rel:e}");
+    eprintln!("{what}: {} values, relative L2 error {relative:.2e}", got.len());
+}

@@ -66,7 +66,7 @@ impl GpuPch {
         }
 
         // The adaptor, from the full gradient of its output.
-        blas.at_b_acc(self.grad(self.adaptor_w), a.d_res, a.input, d, cfg.d_content, rows)?;
+        blas.at_b_acc(self.grad(self.adaptor_w), a.d_res, pass.input, d, cfg.d_content, rows)?;
         blas.at_b_acc(self.grad(self.adaptor_b), a.ones, a.d_res, 1, d, rows)
     }
 }

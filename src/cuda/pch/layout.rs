@@ -20,18 +20,21 @@ pub(super) struct RowMap {
     pub len: usize,
 }
 
-/// The content of a padded batch `[B, L, d_content]` on the device, in either precision.
+/// The content of a batch on the device: padded `[B, L, d_content]` in either precision, or only the valid
+/// positions, packed in (sequence, position) order `[rows, d_content]` in fp16, which the adaptor reads as
+/// it is (what training gathers on the host, to copy no padding).
 #[derive(Clone, Copy, Debug)]
 pub enum GpuContent {
     F32(Dev<f32>),
     F16(Dev<f16>),
+    PackedF16(Dev<f16>),
 }
 
 impl GpuContent {
     pub fn len(&self) -> usize {
         match self {
             GpuContent::F32(d) => d.len(),
-            GpuContent::F16(d) => d.len(),
+            GpuContent::F16(d) | GpuContent::PackedF16(d) => d.len(),
         }
     }
 
@@ -59,6 +62,7 @@ impl Gpu {
         let (name, ptr) = match src {
             GpuContent::F32(d) => ("pack_rows_f32", d.ptr()),
             GpuContent::F16(d) => ("pack_rows_f16", d.ptr()),
+            GpuContent::PackedF16(_) => anyhow::bail!("pack: the content is packed already"),
         };
         int(map.rows * cols, "packed elements")?;
         let args = [

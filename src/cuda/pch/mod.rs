@@ -44,6 +44,9 @@ type LayerSlots = LayerTensors<Slot>;
 /// What the last forward pass ran, for the backward.
 #[derive(Clone, Copy, Debug)]
 struct Pass {
+    /// The packed fp16 content the adaptor read: the arena's copy, or the caller's packed content, which
+    /// must then stay as it is until the backward.
+    input: Dev<f16>,
     rows: usize,
     seqs: usize,
     len: usize,
@@ -193,15 +196,17 @@ impl GpuPch {
         ensure!(acts.d_model == self.config.d_model, "GPU PCH: activations of another model");
         let cfg = &self.config;
         let (d, f, o, heads) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads);
-        let pass = upload_batch(gpu, &acts.arena, cfg.d_content, content.len(), shape, mask)?;
+        let pass = upload_batch(gpu, &acts.arena, cfg.d_content, content, shape, mask)?;
         let (map, attn) = acts.arena.batch(pass.rows, pass.seqs, pass.len, heads, pass.tiles);
         let (a, rows, eps) = (&acts.arena, pass.rows, cfg.ln_eps as f32);
 
         // Adaptor: x0 = fp16(bias + content · Wᵀ), the bias as a rank-1 product so that x0 is rounded once.
         let x0 = a.layers[0].x;
-        gpu.pack_rows(a.input, content, &map, cfg.d_content)?;
+        if !matches!(content, GpuContent::PackedF16(_)) {
+            gpu.pack_rows(a.input, content, &map, cfg.d_content)?;
+        }
         gpu.blas.a_b(x0, a.ones, self.p16(self.adaptor_b), rows, d, 1, false)?;
-        gpu.blas.a_bt(x0, a.input, self.p16(self.adaptor_w), rows, d, cfg.d_content, true)?;
+        gpu.blas.a_bt(x0, pass.input, self.p16(self.adaptor_w), rows, d, cfg.d_content, true)?;
 
         for (l, (w, c)) in self.layers.iter().zip(&a.layers).enumerate() {
             gpu.blas.a_bt(a.qkv, c.x, self.p16(w.qkv_w), rows, 3 * d, d, false)?;
@@ -236,7 +241,7 @@ fn upload_batch(
     gpu: &Gpu,
     arena: &Arena,
     dc: usize,
-    content_len: usize,
+    content: GpuContent,
     shape: &PchBatchShape,
     mask: MaskKind,
 ) -> Result<Pass> {
@@ -247,14 +252,22 @@ fn upload_batch(
     if let Some(s) = shape.lengths.iter().position(|&n| n > l) {
         bail_input!("GPU PCH: sequence {s} has length {} beyond the padded length {l}", shape.lengths[s]);
     }
-    if content_len != b * l * dc {
-        bail_input!("GPU PCH: content holds {content_len} values, expected {b} × {l} × d_content {dc}");
-    }
     let rows: usize = shape.lengths.iter().sum();
     let (max_rows, max_seqs) = (arena.max_rows, arena.max_seqs);
     if rows > max_rows || b > max_seqs {
         bail_input!("GPU PCH: a batch of {rows} positions in {b} sequences; the arena holds {max_rows} in {max_seqs}");
     }
+    let (held, input) = (content.len(), arena.input.slice(0, rows * dc));
+    let input = match content {
+        GpuContent::PackedF16(packed) if held == rows * dc => packed,
+        GpuContent::PackedF16(_) => {
+            bail_input!("GPU PCH: packed content holds {held} values, expected {rows} rows × d_content {dc}")
+        }
+        _ if held != b * l * dc => {
+            bail_input!("GPU PCH: content holds {held} values, expected {b} × {l} × d_content {dc}")
+        }
+        _ => input,
+    };
     let valid: Vec<i32> = shape.valid_rows().map(|r| r as i32).collect();
     let mut offsets = vec![0usize];
     offsets.extend(shape.lengths.iter().scan(0, |at, &n| {
@@ -267,11 +280,11 @@ fn upload_batch(
     gpu.upload(arena.valid, &valid)?;
     gpu.upload(arena.cu_seqlens, &cu)?;
     gpu.upload(arena.tiles, &tiles)?;
-    Ok(Pass { rows, seqs: b, len: l, tiles: tiles.len(), mask })
+    Ok(Pass { input, rows, seqs: b, len: l, tiles: tiles.len(), mask })
 }
 
 /// What the GPU tower implements; the rest is refused with the reason.
-fn check_config(cfg: &PchConfig) -> Result<()> {
+pub fn check_config(cfg: &PchConfig) -> Result<()> {
     cfg.validate()?;
     let hd = super::attention_train::MASKED_ATTENTION_HEAD_DIM;
     if cfg.input != InputKind::Content {
