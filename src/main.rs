@@ -42,7 +42,7 @@ enum Command {
     Sequences(sequences::SequencesArgs),
     /// Tokenizer tools (export a SentencePiece tokenizer.model as tokenizer.json).
     Tokenizer(tokenizer::TokenizerArgs),
-    /// Throughput benchmarks of the CUDA engine (embed, kernels).
+    /// Throughput benchmarks of the CUDA engine (embed, train, kernels).
     Bench(bench::BenchArgs),
 }
 

@@ -375,3 +375,17 @@ fn infer_writes_stores_that_neighbors_reads() {
         }
     }
 }
+
+#[test]
+fn bench_train_refuses_what_the_gpu_engine_cannot_run_in_one_sentence() {
+    let bench = || {
+        let mut cmd = bin();
+        cmd.args(["bench", "train"]);
+        cmd
+    };
+    expect_bad_input(bench().args(["--preset", "pch-tiny"]), "the GPU PCH tower needs heads of 64");
+    expect_bad_input(bench().args(["--preset", "pch-huge"]), "unknown PCH preset \"pch-huge\"");
+    expect_bad_input(bench().args(["--batch-users", "0"]), "--batch-users must be at least 1");
+    expect_bad_input(bench().args(["--item-tower", "both"]), "--item-tower \"both\": expected causal or self");
+    expect_bad_input(&mut bench(), "bench measures the CUDA engine; --device cpu has nothing to measure");
+}

@@ -5,22 +5,27 @@
 #     tools/gpu-check.sh prepare
 # builds the release binary and the GPU test binaries and copies them, stripped, into .gpu/ (ignored by git).
 # Then, through the device tool, from the repository root, with `carry: [".gpu"]`:
-#     bash tools/gpu-check.sh device [tests|bench|all]      (default all)
-# which finds the CUDA libraries of the machine's Python packages and toolkit, runs the kernel and model
-# tests against the CPU reference, `bench kernels`, and `bench embed` against the Hugging Face peers for
-# small and baichuan2-7b (8192-token batches: peak memory must stay ≤ 15 GB), and ends with a summary. The
+#     bash tools/gpu-check.sh device [tests|bench|train|all]      (default all)
+# which finds the CUDA libraries of the machine's Python packages and toolkit, runs the kernel, model and
+# training-step tests against the CPU reference (tests), `bench kernels` and `bench embed` against the
+# Hugging Face peers for small and baichuan2-7b (8192-token batches: peak memory must stay ≤ 15 GB)
+# (bench), `bench train` against the PyTorch AMP peers, eager and torch.compile, at pch-base with B 30 and
+# 256, and alone at B 1024 for the InfoNCE kernel's share of the update (train), and ends with a summary. The
 # device tool returns at most 8 files from $OUT, so the logs and JSON reports come back as one archive,
-# $OUT/gpu-check-<what>.tar.gz, next to $OUT/summary-<what>.txt. `tests` and `bench` split the work over two calls if one would pass the
-# device tool's 10-minute limit.
+# $OUT/gpu-check-<what>.tar.gz, next to $OUT/summary-<what>.txt. `tests`, `bench` and `train` split the
+# work over calls when one would pass the device tool's 10-minute limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+# The GPU test binaries (tests/cuda_*.rs), run one at a time on the device.
+GPU_TESTS=(cuda_kernels cuda_train_kernels cuda_pch cuda_model cuda_train_step)
 
 prepare() {
     set -e
     cargo build --release --bin learn-kern
     # The GPU tests in the dev profile (dependencies are optimised there too); their paths come from cargo.
     local listing
-    listing="$(cargo test --no-run --test cuda_kernels --test cuda_model --test cuda_train_kernels --test cuda_pch --message-format=json 2>/dev/null)"
+    listing="$(cargo test --no-run "${GPU_TESTS[@]/#/--test=}" --message-format=json 2>/dev/null)"
     mkdir -p .gpu
     strip -o .gpu/learn-kern target/release/learn-kern
     python3 - "$listing" <<'PY'
@@ -68,7 +73,7 @@ device() {
     } | tee -a "$summary"
     local status=0
     if [[ "$what" == tests || "$what" == all ]]; then
-        for t in cuda_kernels cuda_train_kernels cuda_pch cuda_model; do
+        for t in "${GPU_TESTS[@]}"; do
             # One test at a time: they share the GPU, and a failure's output stays readable.
             if .gpu/$t --test-threads=1 --nocapture >"$out/$t.log" 2>&1; then
                 echo "$t: passed" | tee -a "$summary"
@@ -101,6 +106,31 @@ print(f"baichuan2-7b at --batch-tokens 8192: engine allocations {engine / 1e9:.2
       f"(target 80%)")
 PY
     fi
+    if [[ "$what" == train || "$what" == all ]]; then
+        for b in 30 256; do
+            tools/bench-vs-peers.sh train --preset pch-base --batch-users "$b" --history 80 --targets 40 \
+                --bin .gpu/learn-kern --out "$out" 2>"$out/train-$b.log" | tee -a "$summary" || status=1
+        done
+        .gpu/learn-kern bench train --device cuda --preset pch-base --batch-users 1024 --history 80 --targets 40 \
+            --warmup 3 --steps 10 --json "$out/learn-kern-train-b1024.json" 2>&1 | tee -a "$summary" || status=1
+        python3 - "$out" <<'PY' | tee -a "$summary"
+import glob, json, os, sys
+def load(path):
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
+for b in (30, 256):
+    ours = load(os.path.join(sys.argv[1], f"learn-kern-train-pch-base-{b}-80-40.json"))
+    if ours:
+        print(f"pch-base B {b}: MFU {100 * ours['mfu']:.0f}% of the measured GEMM rate"
+              + (" (target at B 256: 50%)" if b == 256 else ""))
+big = load(os.path.join(sys.argv[1], "learn-kern-train-b1024.json"))
+if big:
+    print(f"B 1024: InfoNCE {big['phases_ms']['infonce']:.2f} ms = {100 * big['infonce_fraction']:.1f}% of the update "
+          f"(target < 10%)")
+PY
+    fi
     if [[ -n "${OUT:-}" ]]; then
         tar czf "$OUT/gpu-check-$what.tar.gz" -C "$out" . && cp "$summary" "$OUT/summary-$what.txt"
     fi
@@ -112,5 +142,5 @@ PY
 case "${1:-}" in
     prepare) prepare ;;
     device) shift; device "$@" ;;
-    *) echo "usage: tools/gpu-check.sh prepare | device [tests|bench|all]" >&2; exit 2 ;;
+    *) echo "usage: tools/gpu-check.sh prepare | device [tests|bench|train|all]" >&2; exit 2 ;;
 esac

@@ -1,11 +1,14 @@
-//! `learn-kern bench embed|kernels` (SPEC §7): throughput of the CUDA embedding engine and of its kernels,
-//! against ceilings measured in the same run. (`bench train` belongs to the training engine.)
+//! `learn-kern bench embed|train|kernels` (SPEC §7): throughput of the CUDA embedding and training engines
+//! and of the embedding kernels, against ceilings measured in the same run.
 
 use crate::cli::Common;
 use crate::cuda::bench::{EmbedBenchSpec, bench_embed, bench_kernels, random_lengths};
+use crate::cuda::bench_train::{TrainBenchSpec, bench_train};
 use crate::device::DeviceRequest;
 use crate::error::input;
 use crate::llm::LlmConfig;
+use crate::pch::PchConfig;
+use crate::pch::config::ItemTower;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde_json::Value;
@@ -21,8 +24,73 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Content-embedding throughput: tokens/s, items/s, TFLOP/s against cuBLAS's fp16 GEMM rate, memory.
     Embed(EmbedBench),
+    /// PCH training throughput: steps/s, users/s, tokens/s, MFU against cuBLAS's fp16 GEMM rate, memory.
+    Train(TrainBench),
     /// Each embedding kernel's GB/s or TFLOP/s against the measured copy bandwidth and GEMM rate.
     Kernels(KernelBench),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainBench {
+    /// Model shape: pch-base (the paper's 12 × 768 over 4096-d content) or pch-small (4 × 256, 512-d).
+    #[arg(long, default_value = "pch-base")]
+    pub preset: String,
+    /// Content width, instead of the preset's.
+    #[arg(long)]
+    pub d_content: Option<usize>,
+    /// How the item tower runs over the targets: causal or self.
+    #[arg(long, default_value = "causal")]
+    pub item_tower: String,
+    #[arg(long, default_value_t = 30)]
+    pub batch_users: usize,
+    /// History items per user (every user has exactly this many).
+    #[arg(long, default_value_t = 80)]
+    pub history: usize,
+    /// Target items per user.
+    #[arg(long, default_value_t = 40)]
+    pub targets: usize,
+    /// Catalogue size: rows of the random content table the batches gather from.
+    #[arg(long, default_value_t = 100_000)]
+    pub items: usize,
+    /// Updates run before timing.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// Timed updates.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Seed of the weights, the content and the users.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TrainBench {
+    fn spec(&self) -> Result<TrainBenchSpec> {
+        let mut config = PchConfig::preset(&self.preset)?;
+        if let Some(d) = self.d_content {
+            config = config.with_d_content(d);
+        }
+        config.item_tower = ItemTower::parse(&self.item_tower)?;
+        config.validate()?;
+        for (flag, value) in
+            [("--batch-users", self.batch_users), ("--history", self.history), ("--targets", self.targets)]
+        {
+            if value == 0 {
+                return Err(input(format!("{flag} must be at least 1")));
+            }
+        }
+        crate::cuda::trainer::check_trainable(&config, self.targets)?;
+        Ok(TrainBenchSpec {
+            preset: self.preset.clone(),
+            config,
+            batch_users: self.batch_users,
+            history: self.history,
+            targets: self.targets,
+            items: self.items,
+            warmup: self.warmup,
+            steps: self.steps,
+            seed: self.seed,
+        })
+    }
 }
 
 /// Items to run: random lengths or a file of them.
@@ -162,6 +230,12 @@ pub fn run(args: &BenchArgs, common: &Common) -> Result<()> {
             common.notice(embed_summary(&report));
             report
         }
+        BenchWhat::Train(bench) => {
+            let spec = bench.spec()?;
+            let report = bench_train(ordinal(common)?, &spec, common.quiet)?;
+            common.notice(train_summary(&report));
+            report
+        }
         BenchWhat::Kernels(bench) => {
             let (config, lengths) = bench.items.resolve()?;
             let ordinal = ordinal(common)?;
@@ -204,6 +278,44 @@ fn embed_summary(r: &Value) -> String {
         gib(&r["memory"]["arena_bytes"]),
         gib(&r["memory"]["device_used_bytes"]),
         gib(&r["memory"]["device_total_bytes"]),
+    )
+}
+
+/// The human-readable lines of a `bench train` report.
+fn train_summary(r: &Value) -> String {
+    let gib = |bytes: &Value| bytes.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+    format!(
+        "{} on {}: {} users × ({} + {}) items, median of {} updates\n  {:.2} ms/update ({:.2}–{:.2}), {:.1} \
+         updates/s, {:.0} users/s, {:.0} tokens/s\n  {:.1} TFLOP/s = {:.0}% MFU of cuBLAS's fp16 GEMM rate ({:.1} \
+         TFLOP/s)\n  memory: parameters and optimiser {:.2} GiB, activations {:.2} GiB, staging {:.2} GiB, device \
+         in use {:.2} of {:.2} GiB; {} updates skipped for overflow\n  device time: towers forward {:.2} ms, \
+         InfoNCE {:.2} ms ({:.1}% of the update), towers backward {:.2} ms, optimiser {:.2} ms",
+        r["preset"].as_str().unwrap_or("?"),
+        r["device"]["name"].as_str().unwrap_or("?"),
+        r["batch_users"],
+        r["history"],
+        r["targets"],
+        r["steps"],
+        num(r, "step_ms_median"),
+        num(r, "step_ms_p10"),
+        num(r, "step_ms_p90"),
+        num(r, "steps_per_s"),
+        num(r, "users_per_s"),
+        num(r, "tokens_per_s"),
+        num(r, "tflops"),
+        100.0 * num(r, "mfu"),
+        num(r, "gemm_peak_tflops"),
+        gib(&r["memory"]["parameters_and_optimizer_bytes"]),
+        gib(&r["memory"]["activation_bytes"]),
+        gib(&r["memory"]["staging_bytes"]),
+        gib(&r["memory"]["device_used_bytes"]),
+        gib(&r["memory"]["device_total_bytes"]),
+        r["skipped_steps"],
+        num(&r["phases_ms"], "towers_forward"),
+        num(&r["phases_ms"], "infonce"),
+        100.0 * num(r, "infonce_fraction"),
+        num(&r["phases_ms"], "towers_backward"),
+        num(&r["phases_ms"], "optimizer"),
     )
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model shape: pch-base (the paper's 12 × 768) or pch-tiny.
+    /// Model shape: pch-base (the paper's 12 × 768), pch-small (4 × 256) or pch-tiny.
     #[arg(long, default_value = "pch-base")]
     pub preset: String,
     #[arg(long)]
@@ -154,11 +154,7 @@ pub fn model_config(m: &ModelArgs, d_content: usize, n_items: usize, history: us
         other => return Err(input(format!("--input {other:?}: expected content or id"))),
     };
     cfg.n_items = (cfg.input == InputKind::Id).then_some(n_items);
-    cfg.item_tower = match m.item_tower.as_str() {
-        "causal" => ItemTower::Causal,
-        "self" => ItemTower::SelfOnly,
-        other => return Err(input(format!("--item-tower {other:?}: expected causal or self"))),
-    };
+    cfg.item_tower = ItemTower::parse(&m.item_tower)?;
     cfg.validate()?;
     Ok(cfg)
 }

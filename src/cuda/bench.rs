@@ -89,7 +89,7 @@ fn driver_version() -> i32 {
     version
 }
 
-fn device_json(gpu: &Gpu) -> Value {
+pub(crate) fn device_json(gpu: &Gpu) -> Value {
     let driver = driver_version();
     json!({
         "name": gpu.name,

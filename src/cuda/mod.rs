@@ -32,3 +32,4 @@ pub fn probe() -> Result<usize, String> {
     Ok(count)
 }
 pub mod bench;
+pub mod bench_train;

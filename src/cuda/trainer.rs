@@ -35,6 +35,24 @@ use half::f16;
 use rayon::prelude::*;
 use std::sync::Arc;
 
+/// Where the trainer reads content rows: the memory-mapped store, or the benchmark's table in memory.
+pub trait ContentRows: Sync {
+    /// Width of a row (d_content).
+    fn dim(&self) -> usize;
+    /// Row `row` as fp16 into `out` (length `dim`).
+    fn read_row_f16(&self, row: usize, out: &mut [f16]);
+}
+
+impl ContentRows for ContentStore {
+    fn dim(&self) -> usize {
+        ContentStore::dim(self)
+    }
+
+    fn read_row_f16(&self, row: usize, out: &mut [f16]) {
+        ContentStore::read_row_f16(self, row, out);
+    }
+}
+
 /// Why the GPU cannot train this model, or `Ok` when it can.
 pub fn check_trainable(model: &PchConfig, targets: usize) -> Result<()> {
     check_config(model)?;
@@ -90,10 +108,34 @@ struct Buffers {
     _buffer: DeviceBuffer,
 }
 
+/// Milliseconds of the last update's phases on the compute stream (from events), when timing is on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PhaseTimes {
+    /// Both towers' forward passes (with the content's wait for its copy).
+    pub forward: f64,
+    /// The InfoNCE loss, forward and backward.
+    pub loss: f64,
+    /// Both towers' backward passes.
+    pub backward: f64,
+    /// Norm, clipping and Adam.
+    pub optimizer: f64,
+}
+
+/// Device memory of a [`GpuTrainer`] in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainerMemory {
+    /// Parameters (fp32 and fp16), gradients, Adam's moments, the loss's buffers.
+    pub parameters: usize,
+    /// The user and item towers' activation arenas.
+    pub activations: usize,
+    /// The two content staging buffers.
+    pub staging: usize,
+}
+
 /// The GPU training engine.
 pub struct GpuTrainer<'a> {
     settings: StepSettings,
-    store: &'a ContentStore,
+    store: &'a dyn ContentRows,
     model: GpuPch,
     user: Activations,
     item: Activations,
@@ -108,6 +150,8 @@ pub struct GpuTrainer<'a> {
     adam_step: u64,
     dropout_word_pos: u128,
     copy: Arc<CudaStream>,
+    /// Events at the phase boundaries of an update, when [`GpuTrainer::time_phases`] asked for them.
+    phase_events: Option<[CudaEvent; 5]>,
     _contents: DeviceBuffer,
     gpu: Gpu,
 }
@@ -126,7 +170,7 @@ impl<'a> GpuTrainer<'a> {
     pub fn new(
         ordinal: usize,
         settings: StepSettings,
-        store: &'a ContentStore,
+        store: &'a dyn ContentRows,
         state: OptimState,
         max_users: usize,
     ) -> Result<Self> {
@@ -218,6 +262,7 @@ impl<'a> GpuTrainer<'a> {
             adam_step: state.adam_step,
             dropout_word_pos: state.dropout_word_pos,
             copy,
+            phase_events: None,
             _contents: contents,
             gpu,
         };
@@ -228,9 +273,36 @@ impl<'a> GpuTrainer<'a> {
         &self.gpu
     }
 
-    /// Bytes of device memory the trainer holds beyond the model: both activation arenas.
-    pub fn activation_bytes(&self) -> usize {
-        self.user.bytes() + self.item.bytes()
+    /// Records events between the phases of every update from now on (for benchmarks; they cost a few
+    /// microseconds), read with [`Self::phase_times`].
+    pub fn time_phases(&mut self) -> Result<()> {
+        let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let event = || self.gpu.ctx.new_event(timed);
+        self.phase_events = Some([event()?, event()?, event()?, event()?, event()?]);
+        Ok(())
+    }
+
+    /// The phases of the last update, after its step returned.
+    pub fn phase_times(&self) -> Result<Option<PhaseTimes>> {
+        let Some(e) = &self.phase_events else { return Ok(None) };
+        let ms = |a: usize| -> Result<f64> { Ok(e[a].elapsed_ms(&e[a + 1])? as f64) };
+        Ok(Some(PhaseTimes { forward: ms(0)?, loss: ms(1)?, backward: ms(2)?, optimizer: ms(3)? }))
+    }
+
+    fn mark(&self, phase: usize) -> Result<()> {
+        if let Some(events) = &self.phase_events {
+            events[phase].record(&self.gpu.stream)?;
+        }
+        Ok(())
+    }
+
+    /// Device memory the trainer holds, by use.
+    pub fn memory(&self) -> TrainerMemory {
+        TrainerMemory {
+            parameters: self.model.bytes() + self.buffers._buffer.bytes(),
+            activations: self.user.bytes() + self.item.bytes(),
+            staging: self._contents.bytes(),
+        }
     }
 
     /// The gradients of the last update's loss (divided by its loss scale; clipping not applied), in the
@@ -300,11 +372,13 @@ impl<'a> GpuTrainer<'a> {
         let batch = stage.batch.as_ref().context("GPU trainer: no prepared batch")?;
         let (dc, o) = (self.store.dim(), self.model.config().d_out);
         gpu.stream.wait(&stage.uploaded)?;
+        self.mark(0)?;
         let content = |first: usize, rows: usize| GpuContent::PackedF16(stage.device.slice(first * dc, rows * dc));
         let (hr, tr) = (batch.history_rows, batch.target_rows);
         let users = self.model.forward(gpu, &mut self.user, content(0, hr), &batch.history, MaskKind::Causal)?;
         let items = self.model.forward(gpu, &mut self.item, content(hr, tr), &batch.targets, s.item_mask())?;
 
+        self.mark(1)?;
         let nce = gpu.upload_infonce_layout(&batch.layout, buf.layout)?;
         let log_q = match &batch.log_q {
             Some(values) => {
@@ -330,15 +404,18 @@ impl<'a> GpuTrainer<'a> {
             d_items,
             buf.nce_scratch,
         )?;
+        self.mark(2)?;
         self.model.zero_grads(gpu)?;
         self.model.backward(gpu, &self.user, d_users)?;
         self.model.backward(gpu, &self.item, d_items)?;
+        self.mark(3)?;
         // The packed content was read for the last time by the adaptor's weight gradient.
         stage.consumed.record(&gpu.stream)?;
 
         let (params, params16, grads) = self.model.buffers();
         let step = AdamStep { lr, t: self.adam_step + 1, loss_scale: scale, max_norm: s.clip_grad_norm };
         gpu.adam_step(params, buf.m, buf.v, params16, grads, stats, buf.adam_scratch, &s.adam, step)?;
+        self.mark(4)?;
         self.readback.copy_from_device(buf.figures, 1 + AdamStats::LEN, &gpu.stream)?;
         self.last_scale = scale;
         Ok(batch.layout.pairs)

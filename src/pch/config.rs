@@ -38,6 +38,17 @@ pub enum ItemTower {
     SelfOnly,
 }
 
+impl ItemTower {
+    /// The `--item-tower` flag's value: `causal` or `self`.
+    pub fn parse(flag: &str) -> Result<Self> {
+        match flag {
+            "causal" => Ok(ItemTower::Causal),
+            "self" => Ok(ItemTower::SelfOnly),
+            other => Err(input(format!("--item-tower {other:?}: expected causal or self"))),
+        }
+    }
+}
+
 /// The PCH transformer's shape and options. JSON keys are the field names; unknown keys are refused so that
 /// a misspelt key cannot silently fall back to a default.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -99,12 +110,19 @@ impl PchConfig {
         Self { d_content: 64, d_model: 64, n_layers: 2, n_heads: 4, d_ff: 128, d_out: 16, ..Self::base() }
     }
 
-    /// A named preset (`pch-base`, `pch-tiny`), validated.
+    /// A mid-sized model whose heads are 64 wide, so that the GPU tower runs it: the shape of
+    /// tools/peer/cpu_train.py --small over 512-d content.
+    pub fn small() -> Self {
+        Self { d_content: 512, d_model: 256, n_layers: 4, n_heads: 4, d_ff: 1024, d_out: 64, ..Self::base() }
+    }
+
+    /// A named preset (`pch-base`, `pch-small`, `pch-tiny`), validated.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "pch-base" => Ok(Self::base()),
+            "pch-small" => Ok(Self::small()),
             "pch-tiny" => Ok(Self::tiny()),
-            _ => Err(input(format!("unknown PCH preset \"{name}\"; expected pch-base or pch-tiny"))),
+            _ => Err(input(format!("unknown PCH preset \"{name}\"; expected pch-base, pch-small or pch-tiny"))),
         }
     }
 

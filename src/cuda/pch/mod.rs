@@ -130,6 +130,11 @@ impl GpuPch {
         &self.config
     }
 
+    /// Bytes of the parameters, their fp16 copy and the gradients.
+    pub fn bytes(&self) -> usize {
+        self._weights.bytes()
+    }
+
     /// The fp32 masters, their fp16 copy and the gradients, flat in [`PchParams`] order: what
     /// `Gpu::adam_step` updates.
     pub fn buffers(&self) -> (Dev<f32>, Dev<f16>, Dev<f32>) {
