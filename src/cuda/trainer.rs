@@ -81,6 +81,42 @@ struct Prepared {
     log_q: Option<Vec<f32>>,
 }
 
+impl Prepared {
+    /// The host's plan of a batch: the store rows of the valid positions, packed (every history, then
+    /// every target list, user by user), and what the device needs beside their content.
+    fn plan(s: &StepSettings, users: &[&UserSequence]) -> Result<(Prepared, Vec<u32>)> {
+        let histories: Vec<&[u32]> = users.iter().map(|u| u.recent_history(s.history)).collect();
+        let targets: Vec<&[u32]> = users.iter().map(|u| u.first_targets(s.targets)).collect();
+        let shape = |lists: &[&[u32]]| {
+            let lengths: Vec<usize> = lists.iter().map(|l| l.len()).collect();
+            PchBatchShape { batch: lists.len(), len: lengths.iter().copied().max().unwrap_or(0), lengths }
+        };
+        let (history, target_shape) = (shape(&histories), shape(&targets));
+        let packed: Vec<u32> = histories.iter().chain(&targets).flat_map(|l| l.iter().copied()).collect();
+        let history_rows: usize = history.lengths.iter().sum();
+        let t = target_shape.len;
+        let mut target_ids = vec![0u32; users.len() * t];
+        for (b, list) in targets.iter().enumerate() {
+            target_ids[b * t..b * t + list.len()].copy_from_slice(list);
+        }
+        let (h_len, t_len) = (&history.lengths, &target_shape.lengths);
+        let (positions, keep) = (s.positions, s.keep_false_negatives);
+        let layout = InfoNceLayout::new(h_len, t_len, &target_ids, history.len, t, positions, keep, Rows::Packed)?;
+        let log_q =
+            s.log_q.as_ref().map(|per_item| packed[history_rows..].iter().map(|&r| per_item[r as usize]).collect());
+        let prepared = Prepared {
+            users: users.iter().map(|u| *u as *const UserSequence as usize).collect(),
+            history,
+            targets: target_shape,
+            history_rows,
+            target_rows: packed.len() - history_rows,
+            layout,
+            log_q,
+        };
+        Ok((prepared, packed))
+    }
+}
+
 /// One of the two content staging buffers.
 struct Staging {
     pinned: Pinned<f16>,
@@ -316,35 +352,8 @@ impl<'a> GpuTrainer<'a> {
 
     /// Gathers `users` into staging buffer `slot` on the host and starts its copy to the device.
     fn prepare(&mut self, slot: usize, users: &[&UserSequence]) -> Result<()> {
-        let s = &self.settings;
         let dc = self.store.dim();
-        let histories: Vec<&[u32]> = users.iter().map(|u| u.recent_history(s.history)).collect();
-        let targets: Vec<&[u32]> = users.iter().map(|u| u.first_targets(s.targets)).collect();
-        let shape = |lists: &[&[u32]]| {
-            let lengths: Vec<usize> = lists.iter().map(|l| l.len()).collect();
-            PchBatchShape { batch: lists.len(), len: lengths.iter().copied().max().unwrap_or(0), lengths }
-        };
-        let (history, target_shape) = (shape(&histories), shape(&targets));
-        let packed: Vec<u32> = histories.iter().chain(&targets).flat_map(|l| l.iter().copied()).collect();
-        let history_rows: usize = history.lengths.iter().sum();
-        let t = target_shape.len;
-        let mut target_ids = vec![0u32; users.len() * t];
-        for (b, list) in targets.iter().enumerate() {
-            target_ids[b * t..b * t + list.len()].copy_from_slice(list);
-        }
-        let layout = InfoNceLayout::new(
-            &history.lengths,
-            &target_shape.lengths,
-            &target_ids,
-            history.len,
-            t,
-            s.positions,
-            s.keep_false_negatives,
-            Rows::Packed,
-        )?;
-        let log_q =
-            s.log_q.as_ref().map(|per_item| packed[history_rows..].iter().map(|&r| per_item[r as usize]).collect());
-
+        let (batch, packed) = Prepared::plan(&self.settings, users)?;
         let stage = &mut self.staging[slot];
         // The update that last read this buffer (two updates ago) is done with it and with its copy.
         stage.consumed.synchronize().context("waiting for a content staging buffer")?;
@@ -353,15 +362,7 @@ impl<'a> GpuTrainer<'a> {
         rows.par_chunks_mut(dc).zip(&packed).for_each(|(out, &row)| store.read_row_f16(row as usize, out));
         stage.pinned.copy_to_device(stage.device, packed.len() * dc, &self.copy)?;
         stage.uploaded.record(&self.copy)?;
-        stage.batch = Some(Prepared {
-            users: users.iter().map(|u| *u as *const UserSequence as usize).collect(),
-            history,
-            targets: target_shape,
-            history_rows,
-            target_rows: packed.len() - history_rows,
-            layout,
-            log_q,
-        });
+        stage.batch = Some(batch);
         Ok(())
     }
 
@@ -455,5 +456,76 @@ impl StepEngine for GpuTrainer<'_> {
             loss_scale: self.loss_scale,
             dropout_word_pos: self.dropout_word_pos,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pch::config::ItemTower;
+    use crate::train::batch::Batch;
+    use crate::train::optim::AdamConfig;
+
+    fn user(history: &[u32], targets: &[u32]) -> UserSequence {
+        UserSequence { user: "u".into(), line: 1, history: history.to_vec(), targets: targets.to_vec() }
+    }
+
+    #[test]
+    fn a_planned_batch_is_the_cpu_batch_packed() {
+        let users = [
+            user(&[1, 2, 3, 4, 5, 6], &[7, 8, 9]),
+            user(&[9], &[3, 1, 2, 5]),
+            user(&[4, 4, 2], &[7]),
+            user(&[11, 12, 13, 14], &[9, 2]),
+        ];
+        let refs: Vec<&UserSequence> = users.iter().collect();
+        let settings = StepSettings {
+            history: 4,
+            targets: 3,
+            tau: 0.05,
+            keep_false_negatives: false,
+            positions: LossPositions::All,
+            item_tower: ItemTower::Causal,
+            clip_grad_norm: None,
+            adam: AdamConfig::default(),
+            seed: 0,
+            log_q: Some((0..16).map(|i| -(i as f32)).collect()),
+        };
+        let (plan, packed) = Prepared::plan(&settings, &refs).unwrap();
+        let cpu = Batch::assemble(&refs, 4, 3, None);
+        let valid =
+            |side: &crate::train::batch::Side| -> Vec<u32> { side.shape.valid_rows().map(|r| side.rows[r]).collect() };
+        assert_eq!(packed, [valid(&cpu.history), valid(&cpu.targets)].concat());
+        assert_eq!(packed[..plan.history_rows], [3, 4, 5, 6, 9, 4, 4, 2, 11, 12, 13, 14]);
+        assert_eq!(
+            (plan.history.clone(), plan.targets.clone()),
+            (cpu.history.shape.clone(), cpu.targets.shape.clone())
+        );
+        assert_eq!((plan.history_rows, plan.target_rows), (12, 9));
+        assert_eq!(plan.log_q.as_deref(), Some(&[-7.0, -8.0, -9.0, -3.0, -1.0, -2.0, -7.0, -9.0, -2.0][..]));
+
+        // The same queries, columns and false negatives as the CPU's padded layout, at packed rows.
+        let (hs, ts) = (&cpu.history.shape, &cpu.targets.shape);
+        let padded = InfoNceLayout::new(
+            &hs.lengths,
+            &ts.lengths,
+            &cpu.targets.rows,
+            hs.len,
+            ts.len,
+            LossPositions::All,
+            false,
+            Rows::Padded,
+        )
+        .unwrap();
+        let to_packed = |shape: &PchBatchShape| {
+            let order: Vec<usize> = shape.valid_rows().collect();
+            move |r: i32| order.iter().position(|&v| v == r as usize).unwrap() as i32
+        };
+        let (q, c) = (to_packed(hs), to_packed(ts));
+        assert_eq!(plan.layout.q_row, padded.q_row.iter().map(|&r| q(r)).collect::<Vec<_>>());
+        assert_eq!(plan.layout.c_row, padded.c_row.iter().map(|&r| c(r)).collect::<Vec<_>>());
+        assert_eq!((plan.layout.ban.clone(), plan.layout.pairs), (padded.ban.clone(), padded.pairs));
+        assert!(plan.layout.ban.iter().any(|&w| w != 0), "the batch shares items, so some columns are banned");
+        assert_eq!((plan.layout.user_rows, plan.layout.item_rows), (12, 9));
     }
 }
