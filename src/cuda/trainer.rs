@@ -147,7 +147,7 @@ struct Buffers {
 /// Milliseconds of the last update's phases on the compute stream (from events), when timing is on.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PhaseTimes {
-    /// Both towers' forward passes (with the content's wait for its copy).
+    /// Both towers' forward passes (from the moment the content has arrived).
     pub forward: f64,
     /// The InfoNCE loss, forward and backward.
     pub loss: f64,
