@@ -14,6 +14,7 @@ pub mod memory;
 pub mod nvrtc;
 pub mod ops;
 pub mod pch;
+pub mod topk;
 pub mod train_ops;
 
 pub use gpu::Gpu;
