@@ -15,6 +15,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod pch;
 pub mod topk;
+pub mod towers;
 pub mod train_ops;
 
 pub use gpu::Gpu;
