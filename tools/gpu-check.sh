@@ -20,7 +20,7 @@ prepare() {
     cargo build --release --bin learn-kern
     # The GPU tests in the dev profile (dependencies are optimised there too); their paths come from cargo.
     local listing
-    listing="$(cargo test --no-run --test cuda_kernels --test cuda_model --test cuda_train_kernels --test cuda_pch --message-format=json 2>/dev/null)"
+    listing="$(cargo test --no-run --test cuda_kernels --test cuda_model --test cuda_train_kernels --test cuda_pch --test cuda_topk --test cuda_eval --message-format=json 2>/dev/null)"
     mkdir -p .gpu
     strip -o .gpu/learn-kern target/release/learn-kern
     python3 - "$listing" <<'PY'
@@ -68,7 +68,7 @@ device() {
     } | tee -a "$summary"
     local status=0
     if [[ "$what" == tests || "$what" == all ]]; then
-        for t in cuda_kernels cuda_train_kernels cuda_pch cuda_model; do
+        for t in cuda_kernels cuda_train_kernels cuda_pch cuda_model cuda_topk cuda_eval; do
             # One test at a time: they share the GPU, and a failure's output stays readable.
             if .gpu/$t --test-threads=1 --nocapture >"$out/$t.log" 2>&1; then
                 echo "$t: passed" | tee -a "$summary"
@@ -76,7 +76,7 @@ device() {
                 status=1
                 echo "$t: FAILED (see $t.log)" | tee -a "$summary"
             fi
-            grep -E "^test |worst|cosine|skipping" "$out/$t.log" | tail -n 40
+            grep -E "^test |worst|cosine|skipping|throughput|agree|differ" "$out/$t.log" | tail -n 40
         done
     fi
     if [[ "$what" == bench || "$what" == all ]]; then
