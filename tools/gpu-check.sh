@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # The GPU test binaries (tests/cuda_*.rs), run one at a time on the device.
-GPU_TESTS=(cuda_kernels cuda_train_kernels cuda_pch cuda_model cuda_train_step)
+GPU_TESTS=(cuda_kernels cuda_train_kernels cuda_pch cuda_model cuda_train_step cuda_topk cuda_eval)
 
 prepare() {
     set -e
@@ -81,7 +81,7 @@ device() {
                 status=1
                 echo "$t: FAILED (see $t.log)" | tee -a "$summary"
             fi
-            grep -E "^test |worst|cosine|skipping" "$out/$t.log" | tail -n 40
+            grep -E "^test |worst|cosine|skipping|throughput|agree|differ" "$out/$t.log" | tail -n 40
         done
     fi
     if [[ "$what" == bench || "$what" == all ]]; then

@@ -1,10 +1,13 @@
 //! `learn-kern eval --checkpoint FILE --content DIR --sequences FILE` (SPEC §5).
 
 use crate::cli::Common;
+use crate::cuda::topk::TOPK_MAX_K;
 use crate::data::sequences;
 use crate::embed::store::ContentStore;
 use crate::error::input;
-use crate::eval::run::{EvalOptions, EvalReport, evaluate};
+use crate::eval::gpu::{GpuRanker, open_towers};
+use crate::eval::metrics::MetricsAccumulator;
+use crate::eval::run::{EvalOptions, EvalReport, evaluate, evaluate_with};
 use crate::eval::topk::counts;
 use crate::train::checkpoint;
 use anyhow::{Context, Result};
@@ -66,10 +69,11 @@ pub fn print_table(report: &EvalReport) {
 }
 
 pub fn run(args: &EvalArgs, common: &Common) -> Result<()> {
-    crate::device::choose(common, "eval", false)?;
     if args.history == 0 {
         return Err(input("--history must be at least 1"));
     }
+    // The cut-offs are checked before any engine starts (the GPU's takes seconds to open).
+    MetricsAccumulator::new(&args.k)?;
     let popular = match args.baseline.as_deref() {
         None => false,
         Some("popular") => true,
@@ -131,7 +135,17 @@ pub fn run(args: &EvalArgs, common: &Common) -> Result<()> {
     };
     let options =
         EvalOptions { history: args.history, ks: args.k.clone(), keep_history: args.keep_history, gallery, popularity };
-    let report = evaluate(&params, &store, &seqs.users, &options)?;
+    let report = match open_towers(common, "eval", &params, args.history)? {
+        None => evaluate(&params, &store, &seqs.users, &options)?,
+        Some((gpu, mut towers)) => {
+            if options.ks.iter().any(|&k| k > TOPK_MAX_K) {
+                common
+                    .notice(format!("note: --k above {TOPK_MAX_K}: the towers run on the GPU, the ranking on the CPU"));
+            }
+            let mut ranker = GpuRanker::new(&gpu, &mut towers, &store, &options.gallery, options.history)?;
+            evaluate_with(&mut ranker, store.len(), &seqs.users, &options)?
+        }
+    };
     if common.json.as_ref().is_none_or(|p| p.as_os_str() != "-") {
         print_table(&report);
     }

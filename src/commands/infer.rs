@@ -5,6 +5,7 @@ use crate::cli::Common;
 use crate::data::sequences;
 use crate::embed::store::{ContentStore, EMBEDDINGS, IDS, META};
 use crate::error::input;
+use crate::eval::gpu::open_towers;
 use crate::eval::towers::{item_embeddings, user_embeddings};
 use crate::fsutil::write_atomic;
 use crate::npy::{Dtype, NpyMatrixMut};
@@ -39,9 +40,25 @@ pub struct InferArgs {
 }
 
 pub fn run(args: &InferArgs, common: &Common) -> Result<()> {
-    crate::device::choose(common, "infer", false)?;
     let (params, _) = checkpoint::load(&args.checkpoint)?;
     let store = ContentStore::open(&args.content)?;
+    let cfg = params.config();
+    if cfg.input == crate::pch::InputKind::Content && cfg.d_content != store.dim() {
+        return Err(input(format!(
+            "{}: the model reads {}-d content, {} holds {}-d embeddings",
+            args.checkpoint.display(),
+            cfg.d_content,
+            args.content.display(),
+            store.dim()
+        )));
+    }
+    if !matches!(args.tower.as_str(), "user" | "item") {
+        return Err(input(format!("--tower {:?}: expected user or item", args.tower)));
+    }
+    if args.tower == "user" && args.history == 0 {
+        return Err(input("--history must be at least 1"));
+    }
+    let mut gpu = open_towers(common, "infer", &params, args.history)?;
     let (ids, values) = match args.tower.as_str() {
         "item" => {
             let rows: Vec<u32> = match &args.ids {
@@ -66,16 +83,21 @@ pub fn run(args: &InferArgs, common: &Common) -> Result<()> {
                 }
             };
             let ids = rows.iter().map(|&r| store.ids[r as usize].clone()).collect::<Vec<_>>();
-            (ids, item_embeddings(&params, &store, &rows)?)
+            let values = match gpu.as_mut() {
+                Some((gpu, towers)) => towers.item_embeddings(gpu, &store, &rows)?,
+                None => item_embeddings(&params, &store, &rows)?,
+            };
+            (ids, values)
         }
         "user" => {
             let path = args.sequences.as_ref().ok_or_else(|| input("--tower user needs --sequences"))?;
-            if args.history == 0 {
-                return Err(input("--history must be at least 1"));
-            }
             let seqs = sequences::load(path, |id| store.row_of(id), args.skip_unknown)?;
             let users: Vec<_> = seqs.users.iter().collect();
-            (users.iter().map(|u| u.user.clone()).collect(), user_embeddings(&params, &store, &users, args.history)?)
+            let values = match gpu.as_mut() {
+                Some((gpu, towers)) => towers.user_embeddings(gpu, &store, &users, args.history)?,
+                None => user_embeddings(&params, &store, &users, args.history)?,
+            };
+            (users.iter().map(|u| u.user.clone()).collect(), values)
         }
         other => return Err(input(format!("--tower {other:?}: expected user or item"))),
     };

@@ -55,6 +55,7 @@ pub const ENTRY_POINTS: &[(&str, &[&str])] = &[
     ("rmsnorm", &["rmsnorm_residual"]),
     ("rope", &["rope_table", "rope_apply"]),
     ("swiglu", &["swiglu"]),
+    ("topk", &["topk_select", "topk_merge"]),
 ];
 
 /// Options of every compilation. No fast-math: RoPE's sincosf and the softmax's exp2f keep full accuracy.

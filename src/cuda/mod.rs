@@ -14,6 +14,8 @@ pub mod memory;
 pub mod nvrtc;
 pub mod ops;
 pub mod pch;
+pub mod topk;
+pub mod towers;
 pub mod train_ops;
 pub mod trainer;
 

@@ -2,7 +2,7 @@
 //! embeddings and average H@K, R@K and N@K over users, beside a most-popular baseline.
 
 use super::metrics::MetricsAccumulator;
-use super::topk::{Popularity, top_k_block};
+use super::topk::{Hit, Popularity, top_k_block};
 use super::towers::{item_embeddings, user_embeddings};
 use crate::data::sequences::UserSequence;
 use crate::embed::store::ContentStore;
@@ -10,7 +10,7 @@ use crate::pch::PchParams;
 use anyhow::Result;
 use rayon::prelude::*;
 
-/// Users ranked per block (one GEMM against the gallery per block).
+/// Users ranked per block on the CPU (one GEMM against the gallery per block).
 const USER_BLOCK: usize = 1024;
 
 pub struct EvalOptions {
@@ -56,29 +56,76 @@ fn view(user: &UserSequence, position: &[Option<u32>], keep_history: bool) -> Us
     UserView { exclude, absent: all.len() - targets.len(), targets }
 }
 
-/// Evaluates `params` on `users` (full histories and targets as in the file).
+/// What ranks the gallery for blocks of users: the towers and top-K of one engine (the CPU reference here,
+/// the GPU in [`super::gpu`]), holding the gallery's embeddings.
+pub trait Ranker {
+    /// Users per call of [`Ranker::rank`] that suit the engine.
+    fn users_per_block(&self) -> usize;
+
+    /// For each of `users`, the `k` best gallery positions, best first, leaving out that user's `exclude`
+    /// positions (sorted).
+    fn rank(&mut self, users: &[&UserSequence], k: usize, exclude: &[&[usize]]) -> Result<Vec<Vec<Hit<f32>>>>;
+}
+
+/// The CPU reference: towers through [`super::towers`], ranking with [`top_k_block`].
+pub struct CpuRanker<'a> {
+    params: &'a PchParams<f32>,
+    store: &'a ContentStore,
+    history: usize,
+    gallery: Vec<f32>,
+}
+
+impl<'a> CpuRanker<'a> {
+    /// Embeds the gallery (store rows `gallery`, in ranking order).
+    pub fn new(params: &'a PchParams<f32>, store: &'a ContentStore, gallery: &[u32], history: usize) -> Result<Self> {
+        Ok(CpuRanker { params, store, history, gallery: item_embeddings(params, store, gallery)? })
+    }
+}
+
+impl Ranker for CpuRanker<'_> {
+    fn users_per_block(&self) -> usize {
+        USER_BLOCK
+    }
+
+    fn rank(&mut self, users: &[&UserSequence], k: usize, exclude: &[&[usize]]) -> Result<Vec<Vec<Hit<f32>>>> {
+        let embeddings = user_embeddings(self.params, self.store, users, self.history)?;
+        Ok(top_k_block(&embeddings, &self.gallery, self.params.config().d_out, k, exclude))
+    }
+}
+
+/// Evaluates `params` on `users` (full histories and targets as in the file) on the CPU.
 pub fn evaluate(
     params: &PchParams<f32>,
     store: &ContentStore,
     users: &[UserSequence],
     options: &EvalOptions,
 ) -> Result<EvalReport> {
-    let mut position = vec![None; store.len()];
+    let mut ranker = CpuRanker::new(params, store, &options.gallery, options.history)?;
+    evaluate_with(&mut ranker, store.len(), users, options)
+}
+
+/// Evaluates with `ranker` (built for `options.gallery` and `options.history`) on `users` from a store of
+/// `store_len` items. Users are added to the averages in file order whatever the engine, so that equal
+/// rankings give equal metrics.
+pub fn evaluate_with(
+    ranker: &mut dyn Ranker,
+    store_len: usize,
+    users: &[UserSequence],
+    options: &EvalOptions,
+) -> Result<EvalReport> {
+    let mut position = vec![None; store_len];
     for (p, &row) in options.gallery.iter().enumerate() {
         position[row as usize] = Some(p as u32);
     }
-    let gallery = item_embeddings(params, store, &options.gallery)?;
-    let d = params.config().d_out;
     let mut model = MetricsAccumulator::new(&options.ks)?;
     let mut popular = options.popularity.as_ref().map(|_| MetricsAccumulator::new(&options.ks)).transpose()?;
     let ranking = options.popularity.as_ref().map(|counts| Popularity::new(counts));
     let k = model.max_k();
-    for block in users.chunks(USER_BLOCK) {
+    for block in users.chunks(ranker.users_per_block().max(1)) {
         let refs: Vec<&UserSequence> = block.iter().collect();
-        let embeddings = user_embeddings(params, store, &refs, options.history)?;
         let views: Vec<UserView> = block.par_iter().map(|u| view(u, &position, options.keep_history)).collect();
         let excludes: Vec<&[usize]> = views.iter().map(|v| v.exclude.as_slice()).collect();
-        let hits = top_k_block(&embeddings, &gallery, d, k, &excludes);
+        let hits = ranker.rank(&refs, k, &excludes)?;
         for (v, user_hits) in views.iter().zip(&hits) {
             let ranked: Vec<usize> = user_hits.iter().map(|h| h.row).collect();
             model.add(&ranked, &v.targets, v.absent);
