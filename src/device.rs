@@ -108,7 +108,7 @@ pub fn choose_for_job(common: &Common, command: &str, refused: impl FnOnce() -> 
         && let Err(why) = refused()
     {
         if DeviceRequest::parse(&common.device)? == DeviceRequest::Auto {
-            common.notice(format!("note: `{command}` runs on the CPU: {why}"));
+            common.notice(format!("note: running on the CPU: {why:#}"));
             return Ok(Device::Cpu);
         }
         return Err(input(format!("--device {}: {why}", common.device)));

@@ -9,9 +9,8 @@ use crate::cuda::memory::{Dev, DeviceBuffer};
 use crate::cuda::topk::{GpuTopK, TOPK_MAX_K};
 use crate::cuda::towers::{GpuTowers, default_budget};
 use crate::data::sequences::UserSequence;
-use crate::device::{Device, DeviceRequest};
+use crate::device::Device;
 use crate::embed::store::ContentStore;
-use crate::error::is_input_error;
 use crate::pch::PchParams;
 use anyhow::Result;
 
@@ -29,7 +28,8 @@ pub fn open_towers(
     params: &PchParams<f32>,
     min_rows: usize,
 ) -> Result<Option<(Gpu, GpuTowers)>> {
-    let ordinals = match crate::device::choose(common, command, true)? {
+    let refused = || crate::cuda::pch::check_config(params.config());
+    let ordinals = match crate::device::choose_for_job(common, command, refused)? {
         Device::Cpu => return Ok(None),
         Device::Cuda(list) => list,
     };
@@ -38,14 +38,9 @@ pub fn open_towers(
     }
     let gpu = Gpu::open(ordinals[0])?;
     let budget = default_budget(&gpu)?;
-    match GpuTowers::new(&gpu, params, budget, min_rows) {
-        Ok(towers) => Ok(Some((gpu, towers))),
-        Err(err) if is_input_error(&err) && DeviceRequest::parse(&common.device)? == DeviceRequest::Auto => {
-            common.notice(format!("note: running on the CPU: {err:#}"));
-            Ok(None)
-        }
-        Err(err) => Err(err.context(format!("--device {}", common.device))),
-    }
+    let towers = GpuTowers::new(&gpu, params, budget, min_rows)
+        .map_err(|err| err.context(format!("--device {}", common.device)))?;
+    Ok(Some((gpu, towers)))
 }
 
 /// The GPU engine of `eval`: the gallery embedded once into device memory, users embedded per block and
