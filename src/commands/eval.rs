@@ -3,13 +3,11 @@
 use crate::cli::Common;
 use crate::cuda::topk::TOPK_MAX_K;
 use crate::data::sequences;
-use crate::embed::store::ContentStore;
 use crate::error::input;
 use crate::eval::gpu::{GpuRanker, open_towers};
 use crate::eval::metrics::MetricsAccumulator;
 use crate::eval::run::{EvalOptions, EvalReport, evaluate, evaluate_with};
 use crate::eval::topk::counts;
-use crate::train::checkpoint;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::{Map, Value, json};
@@ -79,18 +77,7 @@ pub fn run(args: &EvalArgs, common: &Common) -> Result<()> {
         Some("popular") => true,
         Some(other) => return Err(input(format!("--baseline {other:?}: expected popular"))),
     };
-    let (params, _) = checkpoint::load(&args.checkpoint)?;
-    let store = ContentStore::open(&args.content)?;
-    let cfg = params.config();
-    if cfg.input == crate::pch::InputKind::Content && cfg.d_content != store.dim() {
-        return Err(input(format!(
-            "{}: the model reads {}-d content, {} holds {}-d embeddings",
-            args.checkpoint.display(),
-            cfg.d_content,
-            args.content.display(),
-            store.dim()
-        )));
-    }
+    let (params, store) = crate::eval::towers::open_model(&args.checkpoint, &args.content)?;
     let seqs = sequences::load(&args.sequences, |id| store.row_of(id), args.skip_unknown)?;
     if seqs.users.is_empty() {
         return Err(input(format!("{}: no user has both a history and targets", args.sequences.display())));

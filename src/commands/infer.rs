@@ -3,13 +3,12 @@
 
 use crate::cli::Common;
 use crate::data::sequences;
-use crate::embed::store::{ContentStore, EMBEDDINGS, IDS, META};
+use crate::embed::store::{EMBEDDINGS, IDS, META};
 use crate::error::input;
 use crate::eval::gpu::open_towers;
 use crate::eval::towers::{item_embeddings, user_embeddings};
 use crate::fsutil::write_atomic;
 use crate::npy::{Dtype, NpyMatrixMut};
-use crate::train::checkpoint;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
@@ -40,18 +39,7 @@ pub struct InferArgs {
 }
 
 pub fn run(args: &InferArgs, common: &Common) -> Result<()> {
-    let (params, _) = checkpoint::load(&args.checkpoint)?;
-    let store = ContentStore::open(&args.content)?;
-    let cfg = params.config();
-    if cfg.input == crate::pch::InputKind::Content && cfg.d_content != store.dim() {
-        return Err(input(format!(
-            "{}: the model reads {}-d content, {} holds {}-d embeddings",
-            args.checkpoint.display(),
-            cfg.d_content,
-            args.content.display(),
-            store.dim()
-        )));
-    }
+    let (params, store) = crate::eval::towers::open_model(&args.checkpoint, &args.content)?;
     if !matches!(args.tower.as_str(), "user" | "item") {
         return Err(input(format!("--tower {:?}: expected user or item", args.tower)));
     }

@@ -6,6 +6,24 @@ use crate::embed::store::ContentStore;
 use crate::pch::{InputKind, MaskKind, PchCache, PchParams, forward_reusing};
 use crate::train::batch::Side;
 use anyhow::Result;
+use std::path::Path;
+
+/// A checkpoint and the content store it will read, checked against each other.
+pub fn open_model(checkpoint: &Path, content: &Path) -> Result<(PchParams<f32>, ContentStore)> {
+    let (params, _) = crate::train::checkpoint::load(checkpoint)?;
+    let store = ContentStore::open(content)?;
+    let cfg = params.config();
+    if cfg.input == InputKind::Content && cfg.d_content != store.dim() {
+        return Err(crate::error::input(format!(
+            "{}: the model reads {}-d content, {} holds {}-d embeddings",
+            checkpoint.display(),
+            cfg.d_content,
+            content.display(),
+            store.dim()
+        )));
+    }
+    Ok((params, store))
+}
 
 /// Items per forward pass of the item tower.
 const ITEM_BLOCK: usize = 4096;

@@ -99,6 +99,18 @@ def infonce_cases():
     ]
 
 
+def peer_check_cases():
+    """Cases the Python peers (tools/peer/cpu_train.py, train_torch.py) hold their own loss to, padded, all
+    positions (their loss has no "last" mode)."""
+    return [
+        infonce_case("padded", 31, B=5, H=6, T=4, d=7, pool=9, tau=0.1, keep=False, last=False, unit=False),
+        infonce_case("kept", 32, B=4, H=5, T=5, d=6, pool=7, tau=0.2, keep=True, last=False, unit=False),
+        infonce_case("unit", 33, B=6, H=4, T=3, d=8, pool=12, tau=0.05, keep=False, last=False, unit=True),
+        infonce_case("no_negatives", 34, B=3, H=3, T=8, d=4, pool=50, tau=0.05, keep=False, last=False,
+                     unit=True, force=covers_everyone),
+    ]
+
+
 def adam_case(name, seed, optimizer, weight_decay, clip):
     """Six updates of two f32 tensors with PyTorch's single-tensor Adam/AdamW, a changing learning rate,
     and optionally clip_grad_norm_ before each update."""

@@ -123,13 +123,7 @@ def check():
     """The loss above against the term-by-term float64 reference (the cases tools/peer/cpu_train.py checks)."""
     import make_loss_fixtures as ref  # tools/golden/make_loss_fixtures.py
 
-    cases = [
-        ref.infonce_case("padded", 31, B=5, H=6, T=4, d=7, pool=9, tau=0.1, keep=False, last=False, unit=False),
-        ref.infonce_case("kept", 32, B=4, H=5, T=5, d=6, pool=7, tau=0.2, keep=True, last=False, unit=False),
-        ref.infonce_case("unit", 33, B=6, H=4, T=3, d=8, pool=12, tau=0.05, keep=False, last=False, unit=True),
-        ref.infonce_case("no_negatives", 34, B=3, H=3, T=8, d=4, pool=50, tau=0.05, keep=False, last=False,
-                         unit=True, force=ref.covers_everyone),
-    ]
+    cases = ref.peer_check_cases()
     for c in cases:
         users = torch.tensor(c["users"], dtype=torch.float64).view(c["b"], c["h"], c["d"]).requires_grad_()
         items = torch.tensor(c["items"], dtype=torch.float64).view(c["b"], c["t"], c["d"]).requires_grad_()
