@@ -8,7 +8,7 @@
 
 mod cuda_support;
 
-use cuda_support::{cosine, gpu, rng};
+use cuda_support::{binary, cosine, gpu, rng};
 use learn_kern::cuda::towers::{GpuTowers, arena_bytes_per_row};
 use learn_kern::data::sequences::UserSequence;
 use learn_kern::embed::store::{ContentStore, EMBEDDINGS, IDS, META};
@@ -21,7 +21,7 @@ use learn_kern::pch::{PchConfig, PchParams};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const MIN_COSINE: f64 = 0.999;
@@ -193,13 +193,6 @@ fn eval_on_the_gpu_matches_the_cpu_path() {
     }
     // Each moved user shifts an average by at most 1 / users; the others leave it as it is.
     assert!(diff <= moved as f64 / users.len() as f64 + 1e-12, "metrics differ by {diff}, {moved} users moved");
-}
-
-/// The learn-kern binary: `LEARN_KERN_BIN` when run from a copy, else the one cargo built with these tests.
-fn binary() -> PathBuf {
-    std::env::var_os("LEARN_KERN_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_learn-kern")))
 }
 
 fn run(args: &[&str]) -> std::process::Output {

@@ -5,7 +5,7 @@
 
 mod cuda_support;
 
-use cuda_support::{cosine, gpu, rng};
+use cuda_support::{binary, cosine, gpu, rng};
 use learn_kern::cuda::encoder::CudaEncoder;
 use learn_kern::cuda::model::GpuModel;
 use learn_kern::embed::encoder::{ContentEncoder, CpuEncoder};
@@ -24,13 +24,6 @@ const MIN_COSINE: f64 = 0.999;
 /// directory they were built in.
 fn repo() -> PathBuf {
     std::env::var_os("LEARN_KERN_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
-
-/// The learn-kern binary: `LEARN_KERN_BIN` when run from a copy, else the one cargo built with these tests.
-fn binary() -> PathBuf {
-    std::env::var_os("LEARN_KERN_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_learn-kern")))
 }
 
 /// Random weights in the Baichuan2 layout, uniform and scaled so activations stay O(1) while attention is

@@ -6,7 +6,7 @@
 
 mod cuda_support;
 
-use cuda_support::{assert_rel, gpu, rng};
+use cuda_support::{assert_rel, binary, gpu, rng};
 use learn_kern::cpu::infonce::LossPositions;
 use learn_kern::cuda::trainer::GpuTrainer;
 use learn_kern::data::sequences::UserSequence;
@@ -238,7 +238,7 @@ fn train_on_cuda_continues_a_killed_cpu_run() {
     std::fs::write(work.join("seqs.jsonl"), lines.join("\n") + "\n").unwrap();
     let run = work.join("run");
     let command = |device: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_learn-kern"));
+        let mut cmd = Command::new(binary());
         cmd.env_remove("RUST_BACKTRACE").args(["--quiet", "--json", "--device", device, "train"]);
         cmd.arg("--content")
             .arg(work.join("store"))

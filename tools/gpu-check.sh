@@ -24,13 +24,15 @@ prepare() {
     set -e
     cargo build --release --bin learn-kern
     # The GPU tests in the dev profile (dependencies are optimised there too); their paths come from cargo.
+    # The listing goes through a file: with every dependency's artifact in it, it is too long for argv.
     local listing
-    listing="$(cargo test --no-run "${GPU_TESTS[@]/#/--test=}" --message-format=json 2>/dev/null)"
+    listing="$(mktemp)"
+    cargo test --no-run "${GPU_TESTS[@]/#/--test=}" --message-format=json 2>/dev/null >"$listing"
     mkdir -p .gpu
     strip -o .gpu/learn-kern target/release/learn-kern
     python3 - "$listing" <<'PY'
 import json, shutil, subprocess, sys
-for line in sys.argv[1].splitlines():
+for line in open(sys.argv[1]).read().splitlines():
     try:
         msg = json.loads(line)
     except ValueError:
@@ -40,6 +42,7 @@ for line in sys.argv[1].splitlines():
         subprocess.run(["strip", "-o", f".gpu/{name}", msg["executable"]], check=True)
         print(f".gpu/{name}")
 PY
+    rm -f "$listing"
     du -ch .gpu/* | tail -n 1
     echo "now: device run 'bash tools/gpu-check.sh device' with carry [\".gpu\"]"
 }

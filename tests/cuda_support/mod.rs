@@ -125,3 +125,10 @@ pub fn assert_rel(got: &[f64], want: &[f64], rel: f64, what: &str) {
     assert!(relative <= rel, "{what}: relative L2 error {relative:e} above {rel:e}");
     eprintln!("{what}: {} values, relative L2 error {relative:.2e}", got.len());
 }
+
+/// The learn-kern binary: `LEARN_KERN_BIN` when run from a copy, else the one cargo built with these tests.
+pub fn binary() -> std::path::PathBuf {
+    std::env::var_os("LEARN_KERN_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_learn-kern")))
+}
