@@ -40,54 +40,48 @@ pub struct InferArgs {
 
 pub fn run(args: &InferArgs, common: &Common) -> Result<()> {
     let (params, store) = crate::eval::towers::open_model(&args.checkpoint, &args.content)?;
-    if !matches!(args.tower.as_str(), "user" | "item") {
-        return Err(input(format!("--tower {:?}: expected user or item", args.tower)));
-    }
-    if args.tower == "user" && args.history == 0 {
+    let user_tower = match args.tower.as_str() {
+        "user" => true,
+        "item" => false,
+        other => return Err(input(format!("--tower {other:?}: expected user or item"))),
+    };
+    if user_tower && args.history == 0 {
         return Err(input("--history must be at least 1"));
     }
     let mut gpu = open_towers(common, "infer", &params, args.history)?;
-    let (ids, values) = match args.tower.as_str() {
-        "item" => {
-            let rows: Vec<u32> = match &args.ids {
-                None => (0..store.len() as u32).collect(),
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .map_err(|e| input(format!("{}: cannot read ({e})", path.display())))?;
-                    text.lines()
-                        .map(str::trim)
-                        .enumerate()
-                        .filter(|(_, l)| !l.is_empty())
-                        .map(|(n, id)| {
-                            store.row_of(id).map(|r| r as u32).ok_or_else(|| {
-                                input(format!(
-                                    "{} line {}: item {id:?} is not in the content store",
-                                    path.display(),
-                                    n + 1
-                                ))
-                            })
+    let (ids, values) = if !user_tower {
+        let rows: Vec<u32> = match &args.ids {
+            None => (0..store.len() as u32).collect(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| input(format!("{}: cannot read ({e})", path.display())))?;
+                text.lines()
+                    .map(str::trim)
+                    .enumerate()
+                    .filter(|(_, l)| !l.is_empty())
+                    .map(|(n, id)| {
+                        store.row_of(id).map(|r| r as u32).ok_or_else(|| {
+                            input(format!("{} line {}: item {id:?} is not in the content store", path.display(), n + 1))
                         })
-                        .collect::<Result<_>>()?
-                }
-            };
-            let ids = rows.iter().map(|&r| store.ids[r as usize].clone()).collect::<Vec<_>>();
-            let values = match gpu.as_mut() {
-                Some((gpu, towers)) => towers.item_embeddings(gpu, &store, &rows)?,
-                None => item_embeddings(&params, &store, &rows)?,
-            };
-            (ids, values)
-        }
-        "user" => {
-            let path = args.sequences.as_ref().ok_or_else(|| input("--tower user needs --sequences"))?;
-            let seqs = sequences::load(path, |id| store.row_of(id), args.skip_unknown)?;
-            let users: Vec<_> = seqs.users.iter().collect();
-            let values = match gpu.as_mut() {
-                Some((gpu, towers)) => towers.user_embeddings(gpu, &store, &users, args.history)?,
-                None => user_embeddings(&params, &store, &users, args.history)?,
-            };
-            (users.iter().map(|u| u.user.clone()).collect(), values)
-        }
-        other => return Err(input(format!("--tower {other:?}: expected user or item"))),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        let ids = rows.iter().map(|&r| store.ids[r as usize].clone()).collect::<Vec<_>>();
+        let values = match gpu.as_mut() {
+            Some((gpu, towers)) => towers.item_embeddings(gpu, &store, &rows)?,
+            None => item_embeddings(&params, &store, &rows)?,
+        };
+        (ids, values)
+    } else {
+        let path = args.sequences.as_ref().ok_or_else(|| input("--tower user needs --sequences"))?;
+        let seqs = sequences::load(path, |id| store.row_of(id), args.skip_unknown)?;
+        let users: Vec<_> = seqs.users.iter().collect();
+        let values = match gpu.as_mut() {
+            Some((gpu, towers)) => towers.user_embeddings(gpu, &store, &users, args.history)?,
+            None => user_embeddings(&params, &store, &users, args.history)?,
+        };
+        (users.iter().map(|u| u.user.clone()).collect(), values)
     };
     let d = params.config().d_out;
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
