@@ -2,8 +2,8 @@
 //! [`crate::eval::towers`]: an item's embedding is the module applied to that item alone (L = 1, diagonal
 //! mask); a user's is the output at the last valid history position.
 //!
-//! Content is gathered on the host from the store (fp16, which is what the tower's first GEMM reads: the
-//! rounding is the one `pack_rows_f32` would do on the device) and uploaded per pass into one staging buffer;
+//! Content is gathered on the host from the store, only the valid positions, packed, in fp16 (what the
+//! tower's first GEMM reads: the rounding `pack_rows_f32` would do on the device) and uploaded per pass;
 //! the activations live in one arena sized from a byte budget, so a pass holds as many rows as fit in it.
 
 use super::Gpu;
@@ -41,7 +41,7 @@ pub fn default_budget(gpu: &Gpu) -> Result<usize> {
 pub struct GpuTowers {
     model: GpuPch,
     acts: Activations,
-    /// Padded content of one pass, fp16 `[max_rows, d_content]`.
+    /// Packed content of one pass, fp16 `[max_rows, d_content]`.
     content: Dev<f16>,
     _content: DeviceBuffer,
     max_rows: usize,
@@ -84,20 +84,13 @@ impl GpuTowers {
         let len = lists.iter().map(|l| l.len()).max().unwrap_or(0);
         let lengths: Vec<usize> = lists.iter().map(|l| l.len()).collect();
         ensure!(lists.len() * len <= self.max_rows, "a tower pass of {} × {len} positions", lists.len());
-        let mut content = vec![f16::ZERO; lists.len() * len * dc];
-        content.par_chunks_mut(dc).enumerate().for_each_init(
-            || vec![0.0f32; dc],
-            |row, (at, out)| {
-                let (b, i) = (at / len, at % len);
-                if let Some(&r) = lists[b].get(i) {
-                    store.read_row(r as usize, row);
-                    out.iter_mut().zip(row.iter()).for_each(|(o, &v)| *o = f16::from_f32(v));
-                }
-            },
-        );
+        // Only the valid positions, packed, as training gathers them: no padding is copied.
+        let rows: Vec<u32> = lists.iter().flat_map(|l| l.iter().copied()).collect();
+        let mut content = vec![f16::ZERO; rows.len() * dc];
+        content.par_chunks_mut(dc).zip(&rows).for_each(|(out, &r)| store.read_row_f16(r as usize, out));
         gpu.upload(self.content, &content)?;
         let shape = PchBatchShape { batch: lists.len(), len, lengths };
-        let view = GpuContent::F16(self.content.slice(0, content.len()));
+        let view = GpuContent::PackedF16(self.content.slice(0, content.len()));
         self.model.forward(gpu, &mut self.acts, view, &shape, mask)
     }
 
