@@ -239,22 +239,11 @@ fn eval_and_infer_on_the_cli() {
         (checkpoint.to_str().unwrap(), root.join("store"), sequences.to_str().unwrap().to_string());
     let content = content.to_str().unwrap();
 
-    let eval = |device: &str| -> Value {
-        let out = succeed(&[
-            "eval",
-            "--checkpoint",
-            ckpt,
-            "--content",
-            content,
-            "--sequences",
-            seqs.as_str(),
-            "--k",
-            "5,20",
-            "--json",
-            "-",
-            "--device",
-            device,
-        ]);
+    let eval_args = |k: &'static str, device: &'static str| {
+        ["eval", "--checkpoint", ckpt, "--content", content, "--sequences", seqs.as_str(), "--k", k, "--device", device]
+    };
+    let eval = |device: &'static str| -> Value {
+        let out = succeed(&[&eval_args("5,20", device)[..], &["--json", "-"]].concat());
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let (on_gpu, on_cpu) = (eval("cuda"), eval("cpu"));
@@ -266,19 +255,7 @@ fn eval_and_infer_on_the_cli() {
     }
     eprintln!("eval --device cuda: {}\neval --device cpu:  {}", on_gpu["metrics"], on_cpu["metrics"]);
     // Past the kernel's K: the GPU towers, the CPU ranking.
-    let out = succeed(&[
-        "eval",
-        "--checkpoint",
-        ckpt,
-        "--content",
-        content,
-        "--sequences",
-        seqs.as_str(),
-        "--k",
-        "300",
-        "--device",
-        "cuda",
-    ]);
+    let out = succeed(&eval_args("300", "cuda"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--k above 256"), "{}", String::from_utf8_lossy(&out.stderr));
 
     for (tower, extra) in [("item", vec![]), ("user", vec!["--sequences", seqs.as_str(), "--history", "20"])] {
