@@ -58,10 +58,8 @@ __device__ __forceinline__ void attention_forward(const f16* __restrict__ qkv, f
                                                   const int* __restrict__ cu_seqlens, const int2* __restrict__ tiles,
                                                   int heads, float scale_log2) {
     typedef AttnSmem<HD> L;
-    extern __shared__ __align__(128) unsigned char smem[];
-    unsigned granted;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(granted));
-    if (granted < (unsigned)L::TOTAL) __trap();
+    DYNAMIC_SHARED(unsigned char, smem);
+    if (dynamic_smem_size() < (unsigned)L::TOTAL) __trap();
     f16* sQ = reinterpret_cast<f16*>(smem);
     float* sS = reinterpret_cast<float*>(smem);  // reuses the Q tile's bytes once Q is in registers
     f16* sP = reinterpret_cast<f16*>(smem + L::S_BYTES);
@@ -113,8 +111,7 @@ __device__ __forceinline__ void attention_forward(const f16* __restrict__ qkv, f
 #pragma unroll
             for (int j = 0; j < ATT_BN / 16; ++j) {
                 FragC s;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) s.r[e] = 0.0f;
+                zero_c(s);
 #pragma unroll
                 for (int kk = 0; kk < HD / 16; ++kk) {
                     FragB kb;

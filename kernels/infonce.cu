@@ -135,7 +135,7 @@ __device__ void lse_impl(float* __restrict__ lse, const float* __restrict__ user
                          const float* __restrict__ log_q, const int* __restrict__ q_row,
                          const int* __restrict__ q_user, const int* __restrict__ c_row, const int* __restrict__ c_user,
                          const unsigned* __restrict__ ban, int nq, int nc, int words, float inv_tau) {
-    extern __shared__ float smem[];
+    DYNAMIC_SHARED(float, smem);
     float* qs = smem;
     float* cs = smem + NCE_TILE * (D + 1);
     __shared__ ColumnInfo info;
@@ -187,7 +187,7 @@ __device__ void dq_impl(float* __restrict__ d_users, const float* __restrict__ u
                         const int* __restrict__ c_row, const int* __restrict__ c_user,
                         const unsigned* __restrict__ ban, const float* __restrict__ lse, const float* __restrict__ g,
                         int nq, int nc, int words, float inv_tau) {
-    extern __shared__ float smem[];
+    DYNAMIC_SHARED(float, smem);
     float* qs = smem;
     float* cs = qs + NCE_TILE * (D + 1);
     float* ps = cs + NCE_TILE * (D + 1);
@@ -255,7 +255,7 @@ __device__ void dc_impl(float* __restrict__ d_items, const float* __restrict__ u
                         const int* __restrict__ c_row, const int* __restrict__ c_user,
                         const unsigned* __restrict__ ban, const float* __restrict__ lse, const float* __restrict__ g,
                         int nq, int nc, int words, float inv_tau) {
-    extern __shared__ float smem[];
+    DYNAMIC_SHARED(float, smem);
     float* qs = smem;
     float* cs = qs + NCE_TILE * (D + 1);
     float* ps = cs + NCE_TILE * (D + 1);

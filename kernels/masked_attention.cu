@@ -50,18 +50,13 @@ __device__ __forceinline__ MaTile ma_tile(const int* __restrict__ cu_seqlens, co
     return MaTile{n, tile.y, (index_t)start * heads + (index_t)blockIdx.y * n};
 }
 
-__device__ __forceinline__ void zero(FragC& c) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) c.r[e] = 0.0f;
-}
-
 // dst (16 × cols fp32, leading dimension ldd) = a (16 rows of 64 halves, lda) · bᵀ (cols rows of 64, ldb).
 template <int COLS>
 __device__ __forceinline__ void rows_times_rows_t(float* dst, int ldd, const f16* a, int lda, const f16* b, int ldb) {
 #pragma unroll
     for (int j = 0; j < COLS / 16; ++j) {
         FragC s;
-        zero(s);
+        zero_c(s);
 #pragma unroll
         for (int kk = 0; kk < MA_HD / 16; ++kk) {
             FragA fa;
@@ -172,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(MA_THREADS)
 #pragma unroll
             for (int j = 0; j < MA_BN / 16; ++j) {
                 FragC s;
-                zero(s);
+                zero_c(s);
 #pragma unroll
                 for (int kk = 0; kk < MA_HD / 16; ++kk) {
                     FragB kb;
@@ -296,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(MA_THREADS)
 
     FragC acc[MA_HD / 16];
 #pragma unroll
-    for (int j = 0; j < MA_HD / 16; ++j) zero(acc[j]);
+    for (int j = 0; j < MA_HD / 16; ++j) zero_c(acc[j]);
     const int kv_end = min(n, q0 + MA_BM);
     const int warp_last = q0 + warp * 16 + 15;
     float* srow = sS + row * MA_LDS;
@@ -371,8 +366,8 @@ extern "C" __global__ void __launch_bounds__(MA_THREADS)
     FragC dk_acc[MA_HD / 16], dv_acc[MA_HD / 16];
 #pragma unroll
     for (int j = 0; j < MA_HD / 16; ++j) {
-        zero(dk_acc[j]);
-        zero(dv_acc[j]);
+        zero_c(dk_acc[j]);
+        zero_c(dv_acc[j]);
     }
     const int warp_first = k0 + warp * 16;
     float* srow = sS + row * MA_LDS;

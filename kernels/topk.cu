@@ -141,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS, 2)
     topk_select(rank_key* __restrict__ out, const float* __restrict__ users, const float* __restrict__ gallery,
                 const int* __restrict__ excl_offsets, const int* __restrict__ excl_rows, int n_users, int n_gallery,
                 int d, int k, int span) {
-    extern __shared__ __align__(16) unsigned char topk_smem[];
+    DYNAMIC_SHARED(unsigned char, topk_smem);
     float* us = reinterpret_cast<float*>(topk_smem);
     float* gs = us + TOPK_USERS * TOPK_LD;
     rank_key* cand = reinterpret_cast<rank_key*>(gs + TOPK_ITEMS * TOPK_LD);

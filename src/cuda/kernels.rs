@@ -22,7 +22,7 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-pub use embedded::{HEADER, PTX, PTX_ARCH, SOURCES};
+pub use embedded::{HEADERS, PTX, PTX_ARCH, SOURCES};
 
 /// Every entry point, by source file (the stem of its `kernels/*.cu`).
 pub const ENTRY_POINTS: &[(&str, &[&str])] = &[
@@ -64,7 +64,7 @@ pub const OPTIONS: &[&str] = &["-std=c++17"];
 /// Compiles the kernel file `name` (its source as embedded) for `target`, with `extra` options.
 pub fn compile(nvrtc: &Nvrtc, name: &str, source: &str, target: Target, extra: &[&str]) -> Result<Compiled, String> {
     let options: Vec<&str> = OPTIONS.iter().chain(extra).copied().collect();
-    nvrtc.compile(&format!("{name}.cu"), source, &[HEADER], target, &options)
+    nvrtc.compile(&format!("{name}.cu"), source, HEADERS, target, &options)
 }
 
 /// The loaded entry points of every kernel file, for one device.
@@ -196,7 +196,8 @@ fn cache_dir() -> Option<PathBuf> {
 /// `{name}-{target}-{hash}.{ext}`: FNV-1a over everything that changes the compiled code.
 fn cache_key(name: &str, source: &str, nvrtc: (i32, i32), target: Target, driver: i32) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let parts = [source, HEADER.1, &OPTIONS.join(" "), &format!("{nvrtc:?} {target:?} {driver}")];
+    let settings = [OPTIONS.join(" "), format!("{nvrtc:?} {target:?} {driver}")];
+    let parts = std::iter::once(source).chain(HEADERS.iter().map(|(_, text)| *text)).chain(settings.iter().map(|s| s.as_str()));
     for part in parts {
         for byte in part.bytes().chain([0xff]) {
             hash ^= byte as u64;

@@ -99,6 +99,7 @@ inline void launch(dim3e grid, unsigned threads, size_t shared, std::function<vo
 }
 }  // namespace emu
 
+#define DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(emu::smem.data())
 #define threadIdx (emu::fibers[emu::cur].tid)
 #define blockIdx (emu::block_idx)
 #define blockDim (emu::block_dim)
