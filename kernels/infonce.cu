@@ -159,16 +159,22 @@ __device__ void lse_impl(float* __restrict__ lse, const float* __restrict__ user
         float s[4][4];
         tile_products<D>(s, qs, cs);
         mask_scores(s, row_user, info, ban, words, c0);
+        // Every lane of the warp takes both shuffles: the two half-warps hold different rows, and a full-mask
+        // shuffle that one half skips is undefined (the emulator reports it as a deadlock).
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const float top = half_max(fmaxf(fmaxf(s[i][0], s[i][1]), fmaxf(s[i][2], s[i][3])));
-            if (top == neg_inf()) continue;  // the same for all 16 lanes of the row
             const float new_m = fmaxf(m[i], top);
             float part = 0.0f;
+            if (top != neg_inf()) {
 #pragma unroll
-            for (int j = 0; j < 4; ++j) part += expf(s[i][j] - new_m);
-            l[i] = l[i] * expf(m[i] - new_m) + half_sum(part);
-            m[i] = new_m;
+                for (int j = 0; j < 4; ++j) part += expf(s[i][j] - new_m);
+            }
+            const float tile_sum = half_sum(part);
+            if (top != neg_inf()) {  // a tile without negatives for this row changes nothing
+                l[i] = l[i] * expf(m[i] - new_m) + tile_sum;
+                m[i] = new_m;
+            }
         }
     }
 #pragma unroll

@@ -8,7 +8,7 @@
 
 mod cuda_support;
 
-use cuda_support::{gpu, rng, upload};
+use cuda_support::{gpu, real_gpu, rng, upload};
 use learn_kern::cuda::Gpu;
 use learn_kern::cuda::topk::{GpuTopK, TOPK_MAX_K, plan};
 use learn_kern::error::is_input_error;
@@ -271,7 +271,7 @@ fn bad_inputs_are_refused() {
 
 #[test]
 fn throughput_report() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = real_gpu("the top-K throughput report") else { return };
     let mut rng = rng("top-K throughput");
     let (n, m, d, k) = (32_768, 262_144, 64, 100);
     let users = unit_rows(&mut rng, n, d);

@@ -27,7 +27,7 @@ pub use embedded::{HEADERS, PTX, PTX_ARCH, SOURCES};
 /// Every entry point, by source file (the stem of its `kernels/*.cu`).
 pub const ENTRY_POINTS: &[(&str, &[&str])] = &[
     ("adam", &["grad_sumsq", "grad_norm_finish", "adam_update"]),
-    ("attention", &["attention_fwd_hd32", "attention_fwd_hd64", "attention_fwd_hd128"]),
+    ("attention", &["attention_fwd_hd16", "attention_fwd_hd32", "attention_fwd_hd64", "attention_fwd_hd128"]),
     ("convert", &["convert_bf16_f16", "convert_f32_f16", "fill_uniform_f16", "fill_uniform_f32"]),
     ("embedding", &["embedding_gather"]),
     ("gelu", &["gelu_bias_fwd", "gelu_bias_bwd"]),

@@ -14,7 +14,7 @@ pub const ATTENTION_TILE: usize = 64;
 const ATTENTION_THREADS: u32 = 128;
 
 /// Head sizes the attention kernel is instantiated for.
-pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
+pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 /// Dynamic shared memory of the attention kernel for head size `hd`: AttnSmem<HD>::TOTAL in attention.cu,
 /// mirrored here (the kernel traps if it gets less).
@@ -27,6 +27,7 @@ pub fn attention_shared_bytes(hd: usize) -> usize {
 
 fn attention_kernel(hd: usize) -> Option<&'static str> {
     match hd {
+        16 => Some("attention_fwd_hd16"),
         32 => Some("attention_fwd_hd32"),
         64 => Some("attention_fwd_hd64"),
         128 => Some("attention_fwd_hd128"),

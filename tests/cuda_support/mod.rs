@@ -26,8 +26,28 @@ pub fn gpu() -> Option<Gpu> {
             });
             None
         }
-        Ok(_) => Some(Gpu::open(0).unwrap_or_else(|e| panic!("a CUDA device is present but unusable: {e:#}"))),
+        Ok(_) => {
+            let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("a CUDA device is present but unusable: {e:#}"));
+            // Says which device ran them: a GPU, or the CPU emulator of tools/cuda_emu.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "GPU tests run on {}", gpu.describe());
+            });
+            Some(gpu)
+        }
     }
+}
+
+/// Device 0 when it is a real GPU, for tests that measure speed or work at full scale (`what`): on the CPU
+/// emulator (tools/cuda_emu) the first means nothing and the second takes hours, so they skip, saying so.
+pub fn real_gpu(what: &str) -> Option<Gpu> {
+    let gpu = gpu()?;
+    if gpu.name.contains("CPU emulator") {
+        eprintln!("skipping {what}: {} is the CPU emulator", gpu.name);
+        return None;
+    }
+    Some(gpu)
 }
 
 /// A generator from `LEARN_KERN_TEST_SEED`, or a fresh seed each run; the seed is printed to rerun a failure.

@@ -33,7 +33,7 @@ for cu in sorted(pathlib.Path(sys.argv[1]).glob("*.cu")):
     cu.write_text(text)
 PY
 
-flags=(-std=c++17 -O2 -fPIC -ffp-contract=off -fno-strict-aliasing -Wall -Wno-unused-function
+flags=(-std=c++17 -O3 -fPIC -ffp-contract=off -fno-strict-aliasing -Wall -Wno-unused-function
        -Wno-unused-variable -Wno-unknown-pragmas -I "$here")
 pids=()
 for file in "$src"/*.cu; do

@@ -41,22 +41,22 @@ int cublasGemmEx(void* h, int transa, int transb, int m, int n, int k, const voi
     if (lda < (transa ? k : m) || ldb < (transb ? n : k) || ldc < m) return INVALID_VALUE;
     const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
     return emu::enqueue(static_cast<Handle*>(h)->stream, [=] {
-        // op(A)'s rows and op(B)'s columns as contiguous fp32, read when the GEMM runs.
-        std::vector<float> rows((size_t)m * k), cols((size_t)n * k);
-        for (int i = 0; i < m; ++i)
-            for (int l = 0; l < k; ++l)
-                rows[(size_t)i * k + l] = load(A, atype, transa ? (size_t)i * lda + l : (size_t)l * lda + i);
-        for (int j = 0; j < n; ++j)
-            for (int l = 0; l < k; ++l)
-                cols[(size_t)j * k + l] = load(B, btype, transb ? (size_t)l * ldb + j : (size_t)j * ldb + l);
+        // op(B) as k rows of n fp32, read when the GEMM runs; each row of C then accumulates over k with
+        // the n columns side by side, a loop the compiler vectorises.
+        std::vector<float> bt((size_t)k * n), acc(n);
+        for (int l = 0; l < k; ++l)
+            for (int j = 0; j < n; ++j)
+                bt[(size_t)l * n + j] = load(B, btype, transb ? (size_t)l * ldb + j : (size_t)j * ldb + l);
         for (int i = 0; i < m; ++i) {
-            const float* row = &rows[(size_t)i * k];
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int l = 0; l < k; ++l) {
+                const float x = load(A, atype, transa ? (size_t)i * lda + l : (size_t)l * lda + i);
+                const float* row = &bt[(size_t)l * n];
+                for (int j = 0; j < n; ++j) acc[j] += x * row[j];
+            }
             for (int j = 0; j < n; ++j) {
-                const float* col = &cols[(size_t)j * k];
-                float sum = 0.0f;
-                for (int l = 0; l < k; ++l) sum = std::fma(row[l], col[l], sum);
                 const size_t at = (size_t)j * ldc + i;
-                float out = a * sum;
+                float out = a * acc[j];
                 if (b != 0.0f) out = std::fma(b, load(C, ctype, at), out);
                 if (ctype == R_16F) static_cast<f16*>(C)[at] = f32_to_f16(out);
                 else static_cast<float*>(C)[at] = out;

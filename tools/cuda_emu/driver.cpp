@@ -183,6 +183,7 @@ const Kernel* find_kernel(const char* name) {
 }
 
 int enqueue(void* s, Op op) {
+    API;
     Stream* stream = stream_of(s);
     if (stream->capturing) {
         stream->capturing->ops.push_back(std::move(op));
@@ -193,6 +194,7 @@ int enqueue(void* s, Op op) {
 }
 
 int drain() {
+    API;
     while (!pending.empty()) {
         Op op = std::move(pending.front());
         pending.pop_front();

@@ -29,6 +29,7 @@ bool run_grid(const Kernel& kernel, const Grid& grid, void* args);
 // Device work: runs in issue order when something waits for it (a stream or event synchronisation, a
 // blocking copy), never at the call that queues it, so host code that forgets to wait reads stale data.
 using Op = std::function<void()>;
+// Both take the driver's lock: one thread at a time runs kernels (the scheduler's state is global).
 // Queues `op` on `stream`, or adds it to the graph `stream` is capturing. Returns a CUresult.
 int enqueue(void* stream, Op op);
 // Runs everything queued. Returns a CUresult: the sticky error of a trapped kernel, if any.
