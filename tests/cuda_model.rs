@@ -261,3 +261,17 @@ fn embed_on_the_gpu_writes_the_store_the_cpu_writes() {
         assert_embeddings_agree(&g, &c, d, &format!("embed --device {device}"));
     }
 }
+
+#[test]
+fn benchmarks_refuse_the_emulator_in_one_sentence() {
+    let Some(gpu) = gpu() else { return };
+    if !gpu.is_emulated() {
+        return; // on a GPU the benchmarks run (tools/gpu-check.sh)
+    }
+    for args in [&["bench", "embed", "--preset", "tiny"][..], &["bench", "train", "--preset", "pch-small"]] {
+        let out = std::process::Command::new(binary()).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("benchmarks need a GPU") && stderr.lines().count() == 1, "{args:?}: {stderr}");
+    }
+}

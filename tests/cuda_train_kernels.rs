@@ -179,19 +179,9 @@ fn gelu_with_bias_matches_the_cpu_forward_and_backward() {
         cpu::gelu::backward_in_place(&mut want_d, &pre64);
         let mut want_dbias = f64s(&prior);
         cpu::linear::add_column_sums(&mut want_dbias, &want_d, rows, cols);
-        assert_close(
-            &widen(&read(&gpu, &d_buf, d, "gelu dpre")),
-            &want_d,
-            f16_tol(2e-6),
-            &format!("{what} dpre"),
-        );
+        assert_close(&widen(&read(&gpu, &d_buf, d, "gelu dpre")), &want_d, f16_tol(2e-6), &format!("{what} dpre"));
         let sum_tol = |w: f64| 1e-5 * (w.abs() + 1.0) * (rows as f64).sqrt();
-        assert_close(
-            &read(&gpu, &dbias_buf, dbias, "gelu dbias"),
-            &want_dbias,
-            sum_tol,
-            &format!("{what} dbias"),
-        );
+        assert_close(&read(&gpu, &dbias_buf, dbias, "gelu dbias"), &want_dbias, sum_tol, &format!("{what} dbias"));
     }
 }
 

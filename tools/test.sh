@@ -4,7 +4,8 @@
 # The test suite compiles every CUDA kernel with NVRTC for compute_70 and compute_90 and fails when NVRTC
 # cannot be found (tests/nvrtc_compile.rs). This script makes sure NVRTC from CUDA 12 (the last release that
 # targets the V100) is there, installing `nvidia-cuda-nvrtc-cu12` from the Python package index when the
-# machine has none, points LEARN_KERN_CUDA_LIBS at it, and runs `cargo test`. No GPU is needed.
+# machine has none, points LEARN_KERN_CUDA_LIBS at it, and runs `cargo test`. No GPU is needed: without
+# one, the GPU tests then run on the CPU emulator (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,4 +47,16 @@ echo "tools/test.sh: NVRTC from $dir" >&2
 export LEARN_KERN_CUDA_LIBS="$dir${LEARN_KERN_CUDA_LIBS:+:$LEARN_KERN_CUDA_LIBS}"
 # A one-off test build gains nothing from incremental state, and it would add ~0.5 GB to target/.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-exec cargo test "$@"
+cargo test "$@"
+
+# The whole suite on a machine without a GPU, where the GPU tests have just skipped: the GPU tests once more,
+# on the CPU emulator of the CUDA driver (tools/cuda_emu; needs g++ on x86-64). LEARN_KERN_NO_EMULATOR=1
+# leaves this out.
+if [[ $# -eq 0 && -z "${LEARN_KERN_EMULATED:-}" && "${LEARN_KERN_NO_EMULATOR:-}" != 1 ]] &&
+    ! nvidia-smi -L >/dev/null 2>&1; then
+    if [[ "$(uname -m)" == x86_64 ]] && command -v g++ >/dev/null; then
+        echo "tools/test.sh: no GPU here: the GPU tests again, on the CPU emulator (tools/cuda_emu)" >&2
+        exec tools/cuda_emu/run.sh
+    fi
+    echo "tools/test.sh: no GPU and no g++ on x86-64: the GPU tests only skipped" >&2
+fi

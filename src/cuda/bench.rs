@@ -19,6 +19,18 @@ use serde_json::{Value, json};
 use std::time::Instant;
 
 /// Item lengths uniform in `min..=max`, from `seed`.
+/// Benchmarks time a GPU: on the CPU emulator (tools/cuda_emu) the figures would mean nothing, and the
+/// 8192³ GEMM ceiling alone would take minutes.
+pub fn refuse_emulated(gpu: &Gpu) -> Result<()> {
+    if gpu.is_emulated() {
+        return Err(crate::error::input(format!(
+            "cuda:{} is {}, which runs kernels correctly but not at any meaningful speed: benchmarks need a GPU",
+            gpu.ordinal, gpu.name
+        )));
+    }
+    Ok(())
+}
+
 pub fn random_lengths(count: usize, min: usize, max: usize, seed: u64) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..count).map(|_| rng.random_range(min..=max)).collect()
@@ -117,6 +129,7 @@ pub struct EmbedBenchSpec<'a> {
 pub fn bench_embed(ordinal: usize, spec: &EmbedBenchSpec, quiet: bool) -> Result<Value> {
     let c = &spec.config;
     let gpu = Gpu::open(ordinal)?;
+    refuse_emulated(&gpu)?;
     // The ceilings first, while the memory the model will take is still free.
     if !quiet {
         eprintln!("{}: measuring cuBLAS's fp16 GEMM rate…", gpu.describe());
@@ -204,6 +217,7 @@ pub fn bench_kernels(
     batch_tokens: usize,
 ) -> Result<Value> {
     let gpu = Gpu::open(ordinal)?;
+    refuse_emulated(&gpu)?;
     let copy = copy_gbps(&gpu, 1 << 30)?;
     let gemm_peak = gemm_tflops(&gpu, 8192, 8192, 8192)?;
     let (d, f, heads, dh) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim());

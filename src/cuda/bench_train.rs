@@ -143,6 +143,7 @@ pub fn bench_train(ordinal: usize, spec: &TrainBenchSpec, quiet: bool) -> Result
     };
     let params = PchParams::init(c, spec.seed)?;
     let mut trainer = GpuTrainer::new(ordinal, settings, &content, OptimState::fresh(params), b)?;
+    super::bench::refuse_emulated(trainer.gpu())?;
     if !quiet {
         eprintln!("{}: measuring cuBLAS's fp16 GEMM rate…", trainer.gpu().describe());
     }

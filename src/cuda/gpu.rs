@@ -118,6 +118,12 @@ impl Gpu {
         )
     }
 
+    /// Whether this is the CPU emulator of tools/cuda_emu (which names its devices so) rather than a GPU:
+    /// right answers, meaningless timings.
+    pub fn is_emulated(&self) -> bool {
+        self.name.starts_with("learn-kern CPU emulator")
+    }
+
     /// `bytes` of device memory for `what`; running out is an [`OutOfMemory`] error.
     pub fn alloc(&self, bytes: usize, what: &str) -> Result<DeviceBuffer> {
         DeviceBuffer::new(&self.ctx, bytes).map_err(|err| {

@@ -197,7 +197,8 @@ fn cache_dir() -> Option<PathBuf> {
 fn cache_key(name: &str, source: &str, nvrtc: (i32, i32), target: Target, driver: i32) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let settings = [OPTIONS.join(" "), format!("{nvrtc:?} {target:?} {driver}")];
-    let parts = std::iter::once(source).chain(HEADERS.iter().map(|(_, text)| *text)).chain(settings.iter().map(|s| s.as_str()));
+    let parts =
+        std::iter::once(source).chain(HEADERS.iter().map(|(_, text)| *text)).chain(settings.iter().map(|s| s.as_str()));
     for part in parts {
         for byte in part.bytes().chain([0xff]) {
             hash ^= byte as u64;

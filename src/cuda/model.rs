@@ -457,7 +457,7 @@ mod tests {
             assert!(big >= 100 * c.hidden_size * 4, "{preset}");
             check_config(&c).unwrap();
         }
-        let odd = LlmConfig { num_attention_heads: 8, ..LlmConfig::preset("tiny").unwrap() };
+        let odd = LlmConfig { num_attention_heads: 16, ..LlmConfig::preset("tiny").unwrap() }; // head size 8
         assert!(crate::error::is_input_error(&check_config(&odd).unwrap_err()));
     }
 }

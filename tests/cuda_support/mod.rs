@@ -43,7 +43,7 @@ pub fn gpu() -> Option<Gpu> {
 /// emulator (tools/cuda_emu) the first means nothing and the second takes hours, so they skip, saying so.
 pub fn real_gpu(what: &str) -> Option<Gpu> {
     let gpu = gpu()?;
-    if gpu.name.contains("CPU emulator") {
+    if gpu.is_emulated() {
         eprintln!("skipping {what}: {} is the CPU emulator", gpu.name);
         return None;
     }

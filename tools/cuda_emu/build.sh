@@ -16,8 +16,10 @@ if [[ -f "$out/stamp" && "$(cat "$out/stamp")" == "$stamp" && -f "$out/libcuda.s
     exit 0
 fi
 
-src="$out/src"
-rm -rf "$src" "$out"/*.o
+# Built aside and moved into place, so a test still running on the previous library keeps it.
+work="$(mktemp -d "$out/build.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+src="$work/src"
 mkdir -p "$src"
 cp "$root"/kernels/*.cu "$root"/kernels/*.cuh "$src/"
 cp "$here/ptx.cuh" "$src/ptx.cuh"
@@ -33,24 +35,27 @@ for cu in sorted(pathlib.Path(sys.argv[1]).glob("*.cu")):
     cu.write_text(text)
 PY
 
-flags=(-std=c++17 -O3 -fPIC -ffp-contract=off -fno-strict-aliasing -Wall -Wno-unused-function
+# -march=native: the library runs where it is built (kernels use fmaf, a call without -mfma).
+flags=(-std=c++17 -O3 -march=native -fPIC -ffp-contract=off -fno-strict-aliasing -Wall -Wno-unused-function
        -Wno-unused-variable -Wno-unknown-pragmas -I "$here")
 pids=()
 for file in "$src"/*.cu; do
-    g++ "${flags[@]}" -x c++ -include "$here/runtime.h" -c "$file" -o "$out/$(basename "$file" .cu).o" &
+    g++ "${flags[@]}" -x c++ -include "$here/runtime.h" -c "$file" -o "$work/$(basename "$file" .cu).o" &
     pids+=($!)
 done
 for file in scheduler driver cublas; do
-    g++ "${flags[@]}" -c "$here/$file.cpp" -o "$out/$file.o" &
+    g++ "${flags[@]}" -c "$here/$file.cpp" -o "$work/$file.o" &
     pids+=($!)
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 [[ $status == 0 ]] || { echo "build.sh: compiling the emulator failed" >&2; exit 1; }
-g++ -shared -o "$out/libcuda.so" "$out"/*.o -lpthread
-# No libcuda.so.1: NVRTC opens that name for the real driver's private tables, which this is not; cudarc
-# asks for libcuda.so first.
-rm -f "$out/libcuda.so.1"
+g++ -shared -o "$work/libcuda.so" "$work"/*.o -lpthread
+for file in scheduler driver cublas libcuda.so; do
+    mv -f "$work/$file"* "$out/"
+done
+# cuBLAS is the same library: one work queue for both. No libcuda.so.1: NVRTC opens that name for the
+# real driver's private tables, which this is not; cudarc asks for libcuda.so first.
 ln -sf libcuda.so "$out/libcublas.so.12"
 echo "$stamp" >"$out/stamp"
 echo "$out"

@@ -6,10 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 emu="$(bash tools/cuda_emu/build.sh)"
-if [[ $# -eq 0 ]]; then
-    set -- $(for t in tests/cuda_*.rs; do printf -- '--test %s ' "$(basename "$t" .rs)"; done)
+# Without a `--test` of its own, every GPU test binary (arguments after `--` go to the tests).
+if [[ " $* " != *" --test "* ]]; then
+    set -- $(for t in tests/cuda_*.rs; do printf -- '--test %s ' "$(basename "$t" .rs)"; done) "$@"
 fi
 export LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LEARN_KERN_CUDA_LIBS="$emu${LEARN_KERN_CUDA_LIBS:+:$LEARN_KERN_CUDA_LIBS}"
-export LEARN_KERN_EMULATED=1
+export LEARN_KERN_EMULATED=1  # tells tools/test.sh this is the emulated pass
 exec tools/test.sh "$@"

@@ -21,7 +21,11 @@
 #define __restrict__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ static
+// Static shared variables live in one section, which the scheduler fills with NaN bytes before every
+// block: shared memory starts as garbage on a GPU, and a value left by the previous block must not hide a
+// read before a write.
+#define __shared__ static __attribute__((section("emu_shared")))
+#define EMU_INLINE inline __attribute__((always_inline))
 
 struct uint3e { unsigned x, y, z; };
 struct uint4 { unsigned x, y, z, w; } __attribute__((aligned(16)));
@@ -39,15 +43,27 @@ namespace emu {
 extern uint3e thread_idx, block_idx, block_dim, grid_dim;
 extern unsigned char* dynamic_smem;
 extern unsigned dynamic_smem_bytes;
+// Where in the kernel source a thread waits: threads that wait together must wait at the same place, or
+// they diverged around a barrier or warp operation, which CUDA leaves undefined. Taken from the caller's
+// source line (default arguments below), which the optimiser cannot duplicate as it can code.
+struct Site {
+    const char* file;
+    int line;
+};
+#define EMU_HERE emu::Site site = {__builtin_FILE(), __builtin_LINE()}
 // Waits at a barrier of the block (or of the calling thread's warp) until every thread still running has
 // arrived; threads that have returned count as arrived, as on Volta and later.
-int block_barrier(int predicate);
-void warp_barrier();
+int block_barrier(int predicate, Site site);
+void warp_barrier(Site site);
 // Publishes 8 bytes for the warp, waits for every lane, and returns lane `src`'s value (the caller's own
 // when `src` is out of range).
-unsigned long long warp_exchange(unsigned long long value, int src);
+unsigned long long warp_exchange(unsigned long long value, int src, Site site);
 // The lanes' predicates, after a warp barrier.
-unsigned warp_ballot(int predicate);
+unsigned warp_ballot(int predicate, Site site);
+// After a warp barrier: true for the first lane of the warp to ask, which then does work whose result the
+// whole warp shares through warp_scratch (the warp's own buffer, valid until its next barrier).
+bool warp_leader();
+void* warp_scratch(size_t bytes);
 [[noreturn]] void trap(const char* why);
 }  // namespace emu
 
@@ -56,44 +72,44 @@ unsigned warp_ballot(int predicate);
 #define blockDim (emu::block_dim)
 #define gridDim (emu::grid_dim)
 
-inline void __syncthreads() { emu::block_barrier(0); }
-inline int __syncthreads_or(int p) { return emu::block_barrier(p); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier(); }
+EMU_INLINE void __syncthreads(EMU_HERE) { emu::block_barrier(0, site); }
+EMU_INLINE int __syncthreads_or(int p, EMU_HERE) { return emu::block_barrier(p, site); }
+EMU_INLINE void __syncwarp(unsigned = 0xffffffffu, EMU_HERE) { emu::warp_barrier(site); }
 [[noreturn]] inline void __trap() { emu::trap("__trap()"); }
 
 template <class T>
-inline T warp_move(T v, int src) {
+EMU_INLINE T warp_move(T v, int src, emu::Site site) {
     static_assert(sizeof(T) <= 8, "a warp shuffle moves 4 or 8 bytes");
     unsigned long long bits = 0;
     memcpy(&bits, &v, sizeof(T));
-    bits = emu::warp_exchange(bits, src);
+    bits = emu::warp_exchange(bits, src, site);
     T out;
     memcpy(&out, &bits, sizeof(T));
     return out;
 }
 inline int lane_id() { return (int)(threadIdx.x % 32); }
 template <class T>
-inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
-    return warp_move(v, (lane_id() & ~(width - 1)) + (src & (width - 1)));
+EMU_INLINE T __shfl_sync(unsigned, T v, int src, int width = 32, EMU_HERE) {
+    return warp_move(v, (lane_id() & ~(width - 1)) + (src & (width - 1)), site);
 }
 template <class T>
-inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+EMU_INLINE T __shfl_xor_sync(unsigned, T v, int mask, int width = 32, EMU_HERE) {
     const int src = lane_id() ^ mask;
-    return warp_move(v, (src & ~(width - 1)) == (lane_id() & ~(width - 1)) ? src : lane_id());
+    return warp_move(v, (src & ~(width - 1)) == (lane_id() & ~(width - 1)) ? src : lane_id(), site);
 }
 template <class T>
-inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+EMU_INLINE T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32, EMU_HERE) {
     const int within = lane_id() & (width - 1);
-    return warp_move(v, within >= (int)delta ? lane_id() - (int)delta : lane_id());
+    return warp_move(v, within >= (int)delta ? lane_id() - (int)delta : lane_id(), site);
 }
 template <class T>
-inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+EMU_INLINE T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32, EMU_HERE) {
     const int within = lane_id() & (width - 1);
-    return warp_move(v, within + (int)delta < width ? lane_id() + (int)delta : lane_id());
+    return warp_move(v, within + (int)delta < width ? lane_id() + (int)delta : lane_id(), site);
 }
-inline unsigned __ballot_sync(unsigned, int p) { return emu::warp_ballot(p); }
-inline int __any_sync(unsigned, int p) { return emu::warp_ballot(p) != 0; }
-inline int __all_sync(unsigned m, int p) { return emu::warp_ballot(!p) == 0; }
+EMU_INLINE unsigned __ballot_sync(unsigned, int p, EMU_HERE) { return emu::warp_ballot(p, site); }
+EMU_INLINE int __any_sync(unsigned, int p, EMU_HERE) { return emu::warp_ballot(p, site) != 0; }
+EMU_INLINE int __all_sync(unsigned, int p, EMU_HERE) { return emu::warp_ballot(!p, site) == 0; }
 
 // Atomics: one OS thread runs every fiber and no fiber is switched inside one, so plain updates are atomic.
 template <class T>

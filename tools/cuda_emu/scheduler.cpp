@@ -68,18 +68,27 @@ struct Block {
     const Kernel* kernel = nullptr;
     void* args = nullptr;
     int live = 0;
-    // Block barrier.
+    // Block barrier, and the call site the waiting threads reached it from.
     int arrived = 0, accumulated = 0, result = 0;
     unsigned generation = 0;
+    Site site{};
     // Warp barriers and the slots lanes exchange values through.
     std::vector<int> warp_live, warp_arrived;
     std::vector<unsigned> warp_generation;
+    std::vector<Site> warp_site;
     std::vector<unsigned long long> slots;
+    std::vector<unsigned> warp_led;  // the warp generation whose leader has been chosen, plus one
+    std::vector<std::vector<unsigned char>> warp_buffers;
     unsigned long long progress = 0;
     bool trapped = false;
 };
 
 Block block;
+
+// The static shared variables of every kernel (runtime.h puts them in this section; the linker names its
+// bounds).
+extern "C" unsigned char __start_emu_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_emu_shared[] __attribute__((weak));
 std::mt19937 order(12345);
 std::vector<char*> stack_pool;
 
@@ -144,8 +153,34 @@ void start(Fiber& f, char* stack) {
 }
 }  // namespace
 
-int block_barrier(int predicate) {
+namespace {
+bool same(const Site& a, const Site& b) { return a.line == b.line && strcmp(a.file, b.file) == 0; }
+
+// Threads that wait together must wait at the same place.
+void check_site(Site& expected, const Site& site, int arrived, const char* what) {
+    if (arrived == 0) {
+        expected = site;
+    } else if (!same(expected, site)) {
+        char why[512];
+        snprintf(why, sizeof why, "%s (%s:%d and %s:%d)", what, expected.file, expected.line, site.file, site.line);
+        trap(why);
+    }
+}
+
+void warp_arrive(const Site& site) {
+    const unsigned w = me().warp, generation = block.warp_generation[w];
+    check_site(block.warp_site[w], site, block.warp_arrived[w], "lanes of one warp wait at different operations");
+    if (++block.warp_arrived[w] == block.warp_live[w]) {
+        release_warp_barrier(w);
+    } else {
+        while (block.warp_generation[w] == generation) yield();
+    }
+}
+}  // namespace
+
+int block_barrier(int predicate, Site site) {
     const unsigned generation = block.generation;
+    check_site(block.site, site, block.arrived, "threads of one block wait at different __syncthreads");
     if (predicate) block.accumulated = 1;
     if (++block.arrived == block.live) {
         release_block_barrier();
@@ -155,36 +190,41 @@ int block_barrier(int predicate) {
     return block.result;
 }
 
-void warp_barrier() {
-    const unsigned w = me().warp, generation = block.warp_generation[w];
-    if (++block.warp_arrived[w] == block.warp_live[w]) {
-        release_warp_barrier(w);
-    } else {
-        while (block.warp_generation[w] == generation) yield();
-    }
-}
+void warp_barrier(Site site) { warp_arrive(site); }
 
-unsigned long long warp_exchange(unsigned long long value, int src) {
+unsigned long long warp_exchange(unsigned long long value, int src, Site site) {
     const unsigned w = me().warp;
     block.slots[w * 32 + me().lane] = value;
-    warp_barrier();
+    warp_arrive(site);
     const unsigned long long out = src >= 0 && src < 32 ? block.slots[w * 32 + src] : value;
-    warp_barrier();
+    warp_arrive(site);
     return out;
 }
 
-unsigned warp_ballot(int predicate) {
+unsigned warp_ballot(int predicate, Site site) {
     const unsigned w = me().warp;
-    const unsigned long long mine = predicate ? 1 : 0;
-    block.slots[w * 32 + me().lane] = mine;
-    warp_barrier();
+    block.slots[w * 32 + me().lane] = predicate ? 1 : 0;
+    warp_arrive(site);
     unsigned bits = 0;
     for (unsigned lane = 0; lane < 32; ++lane) {
         const unsigned t = w * 32 + lane;
         if (t < block.fibers.size() && !block.fibers[t].done && block.slots[t]) bits |= 1u << lane;
     }
-    warp_barrier();
+    warp_arrive(site);
     return bits;
+}
+
+bool warp_leader() {
+    const unsigned w = me().warp;
+    if (block.warp_led[w] == block.warp_generation[w] + 1) return false;
+    block.warp_led[w] = block.warp_generation[w] + 1;
+    return true;
+}
+
+void* warp_scratch(size_t bytes) {
+    std::vector<unsigned char>& buffer = block.warp_buffers[me().warp];
+    if (buffer.size() < bytes) buffer.resize(bytes);
+    return buffer.data();
 }
 
 [[noreturn]] void trap(const char* why) {
@@ -212,6 +252,7 @@ bool run_grid(const Kernel& kernel, const Grid& g, void* args) {
                 block_idx = {bx, by, bz};
                 // Shared memory starts as garbage on a GPU: NaN bytes here, so reading it unwritten shows.
                 memset(aligned, 0xff, g.shared);
+                if (__start_emu_shared != nullptr) memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
                 dynamic_smem = aligned;
                 dynamic_smem_bytes = g.shared;
                 block.fibers.assign(threads, Fiber{});
@@ -220,7 +261,10 @@ bool run_grid(const Kernel& kernel, const Grid& g, void* args) {
                 block.warp_live.assign(warps, 0);
                 block.warp_arrived.assign(warps, 0);
                 block.warp_generation.assign(warps, 0);
+                block.warp_site.assign(warps, Site{});
                 block.slots.assign(warps * 32, 0);
+                block.warp_led.assign(warps, 0);
+                block.warp_buffers.resize(warps);
                 for (unsigned t = 0; t < threads; ++t) {
                     Fiber& f = block.fibers[t];
                     f.tid = {t % g.block[0], (t / g.block[0]) % g.block[1], t / (g.block[0] * g.block[1])};
