@@ -154,7 +154,9 @@ void start(Fiber& f, char* stack) {
 }  // namespace
 
 namespace {
-bool same(const Site& a, const Site& b) { return a.line == b.line && strcmp(a.file, b.file) == 0; }
+bool same(const Site& a, const Site& b) {
+    return a.line == b.line && (a.file == b.file || strcmp(a.file, b.file) == 0);
+}
 
 // Threads that wait together must wait at the same place.
 void check_site(Site& expected, const Site& site, int arrived, const char* what) {
