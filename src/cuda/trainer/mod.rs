@@ -4,35 +4,53 @@
 //! One update, all queued on the compute stream with a single host synchronisation at the end (to read the
 //! loss and the optimiser's figures):
 //! ```text
-//! content rows (packed fp16, copied from pinned memory on the copy stream)
+//! the update's tables and content rows (packed fp16), staged in pinned memory, copied on the copy stream
 //!   → user tower over the histories (causal), item tower over the targets (causal or self-only)
 //!   → InfoNCE over the packed outputs, gradients × loss scale
 //!   → both towers' backward into one gradient buffer
 //!   → global norm, overflow check, clipping, Adam on the fp32 masters, fresh fp16 copy
 //! ```
-//! While the GPU runs an update, the host gathers the next batch's content rows from the memory-mapped
-//! store into the other of two pinned buffers and starts its copy, so neither waits for the other.
+//! While the GPU runs an update, the host gathers the next batch into the other of two pinned buffers and
+//! starts its copy into a landing buffer, so neither waits for the other; the update moves it from there to
+//! the buffer its launches read (one device copy), which has the same address every time.
+//!
+//! [`Launch::Graphs`] (the default) pads each batch to its shape bucket (crate::cuda::bucket) and replays
+//! the bucket's CUDA graph (graphs.rs): the host's work per update is then the staging, four copies (the
+//! batch up and on to the inputs, the scalars up, the figures back), one graph launch and the
+//! synchronisation. Everything that changes between the updates of a bucket is in
+//! device memory: the staged tables, the loss scale and the pair count (InfoNCE's weights), the learning
+//! rate and the bias corrections (Adam's scalars). Padding changes no result: the dummy rows get exactly
+//! zero gradients, every kernel here gives the real rows the same bits padded or not (the reductions split
+//! rows by the padded count), and tests/cuda_train_step.rs holds the padded step to the unpadded one bit for
+//! bit. The one thing outside this code is cuBLAS, which may pick another algorithm for a padded GEMM shape
+//! and round differently; a graph replay is always the same launches as the padded step made eagerly.
 //!
 //! An update whose scaled fp16 gradients overflow is skipped on the device (`adam_update` reads the flag
-//! `grad_norm_finish` leaves), the scale halves (see [`LossScale`]) and Adam's update count does not move.
+//! `grad_norm_finish` leaves), inside a replayed graph as well; the scale halves (see [`LossScale`]) and
+//! Adam's update count does not move.
+
+mod graphs;
+mod prepare;
 
 use super::Gpu;
-use super::infonce::{INFONCE_MAX_TARGETS, INFONCE_WIDTHS, InfoNceLayout, Rows};
+use super::bucket::{BucketKey, padded_rows};
+use super::infonce::{INFONCE_MAX_TARGETS, INFONCE_WIDTHS, infonce_weights};
 use super::memory::{Dev, DeviceBuffer, Layout, Pinned};
-use super::pch::{Activations, GpuContent, GpuPch, check_config};
+use super::pch::{Activations, GpuPch, check_config};
 use super::train_ops::{AdamStats, AdamStep};
 use crate::bail_input;
-use crate::cpu::infonce::LossPositions;
 use crate::cpu::masked_attention::MaskKind;
 use crate::data::sequences::UserSequence;
 use crate::embed::store::ContentStore;
-use crate::pch::{PchBatchShape, PchConfig, PchParams};
+use crate::pch::{PchConfig, PchParams};
 use crate::train::engine::{OptimState, StepEngine, StepOutcome, StepSettings};
 use crate::train::loss_scale::LossScale;
 use anyhow::{Context, Result, ensure};
-use cudarc::driver::{CudaEvent, CudaStream, sys};
+use cudarc::driver::{CudaEvent, CudaStream, result, sys};
+use graphs::Graphs;
+pub use graphs::MAX_GRAPHS;
 use half::f16;
-use rayon::prelude::*;
+use prepare::{Prepared, StepViews};
 use std::sync::Arc;
 
 /// Where the trainer reads content rows: the memory-mapped store, or the benchmark's table in memory.
@@ -67,66 +85,27 @@ pub fn check_trainable(model: &PchConfig, targets: usize) -> Result<()> {
     Ok(())
 }
 
-/// A batch gathered on the host and on its way to the device.
-struct Prepared {
-    /// Identity of the users it holds (their addresses), to check it is the batch the loop trains next.
-    users: Vec<usize>,
-    history: PchBatchShape,
-    targets: PchBatchShape,
-    /// Packed rows of each side.
-    history_rows: usize,
-    target_rows: usize,
-    layout: InfoNceLayout,
-    /// log q per packed target row, with `--logq-correction`.
-    log_q: Option<Vec<f32>>,
+/// How the trainer launches an update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// The host launches every kernel, at the batch's own shape.
+    Eager,
+    /// The host launches every kernel, at the batch's shape bucket: what a graph replays, without one.
+    Bucketed,
+    /// At the batch's shape bucket, replayed from the bucket's CUDA graph (captured on its first update).
+    Graphs,
 }
 
-impl Prepared {
-    /// The host's plan of a batch: the store rows of the valid positions, packed (every history, then
-    /// every target list, user by user), and what the device needs beside their content.
-    fn plan(s: &StepSettings, users: &[&UserSequence]) -> Result<(Prepared, Vec<u32>)> {
-        let histories: Vec<&[u32]> = users.iter().map(|u| u.recent_history(s.history)).collect();
-        let targets: Vec<&[u32]> = users.iter().map(|u| u.first_targets(s.targets)).collect();
-        let shape = |lists: &[&[u32]]| {
-            let lengths: Vec<usize> = lists.iter().map(|l| l.len()).collect();
-            PchBatchShape { batch: lists.len(), len: lengths.iter().copied().max().unwrap_or(0), lengths }
-        };
-        let (history, target_shape) = (shape(&histories), shape(&targets));
-        let packed: Vec<u32> = histories.iter().chain(&targets).flat_map(|l| l.iter().copied()).collect();
-        let history_rows: usize = history.lengths.iter().sum();
-        let t = target_shape.len;
-        let mut target_ids = vec![0u32; users.len() * t];
-        for (b, list) in targets.iter().enumerate() {
-            target_ids[b * t..b * t + list.len()].copy_from_slice(list);
-        }
-        let (h_len, t_len) = (&history.lengths, &target_shape.lengths);
-        let (positions, keep) = (s.positions, s.keep_false_negatives);
-        let layout = InfoNceLayout::new(h_len, t_len, &target_ids, history.len, t, positions, keep, Rows::Packed)?;
-        let log_q =
-            s.log_q.as_ref().map(|per_item| packed[history_rows..].iter().map(|&r| per_item[r as usize]).collect());
-        let prepared = Prepared {
-            users: users.iter().map(|u| *u as *const UserSequence as usize).collect(),
-            history,
-            targets: target_shape,
-            history_rows,
-            target_rows: packed.len() - history_rows,
-            layout,
-            log_q,
-        };
-        Ok((prepared, packed))
-    }
-}
-
-/// One of the two content staging buffers.
+/// One of the two pinned staging buffers.
 struct Staging {
-    pinned: Pinned<f16>,
-    device: Dev<f16>,
-    /// The copy into `device` is done (copy stream).
+    pinned: Pinned<u8>,
+    /// The copy out of `pinned` is done (copy stream): the host may refill it.
     uploaded: CudaEvent,
-    /// The update that read `device` is done with it (compute stream): both buffers may be refilled.
-    consumed: CudaEvent,
     batch: Option<Prepared>,
 }
+
+/// Floats of the per-update scalars on the device: InfoNCE's two weights, then Adam's scalars.
+const SCALARS: usize = 2 + AdamStep::SCALARS;
 
 /// Optimiser and loss buffers, carved from one allocation.
 struct Buffers {
@@ -139,8 +118,6 @@ struct Buffers {
     d_users: Dev<f32>,
     d_items: Dev<f32>,
     nce_scratch: Dev<f32>,
-    log_q: Dev<f32>,
-    layout: Dev<u8>,
     _buffer: DeviceBuffer,
 }
 
@@ -164,7 +141,7 @@ pub struct TrainerMemory {
     pub parameters: usize,
     /// The user and item towers' activation arenas.
     pub activations: usize,
-    /// The two content staging buffers.
+    /// The device's staging buffers: where an update's copy lands, and where its launches read it.
     pub staging: usize,
 }
 
@@ -172,6 +149,7 @@ pub struct TrainerMemory {
 pub struct GpuTrainer<'a> {
     settings: StepSettings,
     store: &'a dyn ContentRows,
+    max_users: usize,
     model: GpuPch,
     user: Activations,
     item: Activations,
@@ -179,16 +157,32 @@ pub struct GpuTrainer<'a> {
     staging: [Staging; 2],
     /// The staging buffer of the next update.
     next: usize,
+    /// Bytes an update may stage: the largest bucket's.
+    capacity: usize,
+    /// Where the copy stream lands an update's staged bytes, and where its launches read them, a device
+    /// copy apart: the next update's copy overlaps this one's launches, whose addresses never change.
+    landing: Dev<u8>,
+    inputs: Dev<u8>,
+    /// The landing buffer's bytes have moved on to `inputs` (compute stream): the next copy may land.
+    landed: CudaEvent,
+    /// The update's scalars ([`SCALARS`] floats), staged at the update itself: its loss scale is known only
+    /// once the previous update's overflow flag has been read.
+    scalars: Dev<f32>,
+    scalars_pinned: Pinned<f32>,
     readback: Pinned<f32>,
     loss_scale: LossScale,
     /// The scale the last update's gradients carry (what [`Self::gradients`] divides out).
     last_scale: f64,
     adam_step: u64,
     dropout_word_pos: u128,
+    launch: Launch,
+    graphs: Graphs,
     copy: Arc<CudaStream>,
     /// Events at the phase boundaries of an update, when [`GpuTrainer::time_phases`] asked for them.
     phase_events: Option<[CudaEvent; 5]>,
-    _contents: DeviceBuffer,
+    /// The last update recorded them (a graph replay records none).
+    phases_timed: bool,
+    _staging: DeviceBuffer,
     gpu: Gpu,
 }
 
@@ -202,7 +196,8 @@ impl Drop for GpuTrainer<'_> {
 
 impl<'a> GpuTrainer<'a> {
     /// Opens `cuda:ordinal`, uploads the state and sizes every buffer for batches of `max_users` users of at
-    /// most `settings.history` and `settings.targets` items, so nothing is allocated per update.
+    /// most `settings.history` and `settings.targets` items, padded to their shape bucket, so nothing is
+    /// allocated per update. Updates replay CUDA graphs unless [`Self::set_launch`] says otherwise.
     pub fn new(
         ordinal: usize,
         settings: StepSettings,
@@ -212,44 +207,29 @@ impl<'a> GpuTrainer<'a> {
     ) -> Result<Self> {
         let cfg = state.params.config().clone();
         check_trainable(&cfg, settings.targets)?;
-        ensure!(
-            store.dim() == cfg.d_content,
-            "the store's rows are {}-d, the model's d_content {}",
-            store.dim(),
-            cfg.d_content
-        );
+        let dc = store.dim();
+        ensure!(dc == cfg.d_content, "the store's rows are {dc}-d, the model's d_content {}", cfg.d_content);
         let gpu = Gpu::open(ordinal)?;
-        let (b, h, t) = (max_users, settings.history, settings.targets);
+        let b = max_users;
+        // The largest bucket: every user full, and the dummy sequence.
+        let (rows_h, rows_t) = (padded_rows(b * settings.history), padded_rows(b * settings.targets));
         let model = GpuPch::new(&gpu, &state.params)?;
-        let user = model.activations(&gpu, b * h, b)?;
-        let item = model.activations(&gpu, b * t, b)?;
+        let user = model.activations(&gpu, rows_h, b + 1)?;
+        let item = model.activations(&gpu, rows_t, b + 1)?;
 
-        // The largest InfoNCE layout: every user full, every target id distinct (the most bitmask words).
-        let ids: Vec<u32> = (0..(b * t) as u32).collect();
-        let full = InfoNceLayout::new(
-            &vec![h; b],
-            &vec![t; b],
-            &ids,
-            h,
-            t,
-            LossPositions::All,
-            settings.keep_false_negatives,
-            Rows::Packed,
-        )?;
         let n = state.params.flat().len();
         let o = cfg.d_out;
         let mut plan = Layout::default();
+        // At most one query per history row (a padded bucket's, or every row's without padding).
         let offsets = [
             plan.take::<f32>(n),
             plan.take::<f32>(n),
             plan.take::<f32>(1 + AdamStats::LEN),
             plan.take::<f64>(gpu.adam_scratch_len(n)),
-            plan.take::<f32>(b * h),
-            plan.take::<f32>(b * h * o),
-            plan.take::<f32>(b * t * o),
-            plan.take::<f32>(b * h + b),
-            plan.take::<f32>(b * t),
-            plan.take::<u8>(full.device_bytes()),
+            plan.take::<f32>(rows_h),
+            plan.take::<f32>(rows_h * o),
+            plan.take::<f32>(rows_t * o),
+            plan.take::<f32>(rows_h + b),
         ];
         let buffer = gpu.alloc(plan.bytes(), "the optimiser state and the loss buffers")?;
         let buffers = Buffers {
@@ -257,56 +237,75 @@ impl<'a> GpuTrainer<'a> {
             v: buffer.view(offsets[1], n),
             figures: buffer.view(offsets[2], 1 + AdamStats::LEN),
             adam_scratch: buffer.view(offsets[3], gpu.adam_scratch_len(n)),
-            lse: buffer.view(offsets[4], b * h),
-            d_users: buffer.view(offsets[5], b * h * o),
-            d_items: buffer.view(offsets[6], b * t * o),
-            nce_scratch: buffer.view(offsets[7], b * h + b),
-            log_q: buffer.view(offsets[8], b * t),
-            layout: buffer.view(offsets[9], full.device_bytes()),
+            lse: buffer.view(offsets[4], rows_h),
+            d_users: buffer.view(offsets[5], rows_h * o),
+            d_items: buffer.view(offsets[6], rows_t * o),
+            nce_scratch: buffer.view(offsets[7], rows_h + b),
             _buffer: buffer,
         };
         gpu.upload(buffers.m, &state.m)?;
         gpu.upload(buffers.v, &state.v)?;
 
-        let content = b * (h + t) * cfg.d_content;
-        let contents = gpu.alloc(2 * content * 2, "the content staging buffers")?;
-        let staging = |i: usize| -> Result<Staging> {
+        let capacity = Prepared::largest_bytes(&settings, b, dc)?;
+        let mut plan = Layout::default();
+        let offsets = [plan.take::<u8>(capacity), plan.take::<u8>(capacity), plan.take::<f32>(SCALARS)];
+        let staging_buffer = gpu.alloc(plan.bytes(), "the staging buffers")?;
+        let blocking = Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC);
+        let staging = |_| -> Result<Staging> {
             Ok(Staging {
-                pinned: Pinned::new(&gpu.ctx, content)?,
-                device: contents.view(i * content * 2, content),
-                uploaded: gpu.ctx.new_event(None)?,
-                consumed: gpu.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))?,
+                pinned: Pinned::new(&gpu.ctx, capacity)?,
+                uploaded: gpu.ctx.new_event(blocking)?,
                 batch: None,
             })
         };
         let staging = [staging(0)?, staging(1)?];
         let copy = gpu.ctx.new_stream()?;
+        let (landed, scalars_pinned) = (gpu.ctx.new_event(None)?, Pinned::new(&gpu.ctx, SCALARS)?);
         let readback = Pinned::new(&gpu.ctx, 1 + AdamStats::LEN)?;
         gpu.sync()?;
-        let trainer = GpuTrainer {
+        Ok(GpuTrainer {
             settings,
             store,
+            max_users,
             model,
             user,
             item,
             buffers,
             staging,
             next: 0,
+            capacity,
+            landing: staging_buffer.view(offsets[0], capacity),
+            inputs: staging_buffer.view(offsets[1], capacity),
+            landed,
+            scalars: staging_buffer.view(offsets[2], SCALARS),
+            scalars_pinned,
             readback,
             loss_scale: state.loss_scale,
             last_scale: state.loss_scale.scale,
             adam_step: state.adam_step,
             dropout_word_pos: state.dropout_word_pos,
+            launch: Launch::Graphs,
+            graphs: Graphs::default(),
             copy,
             phase_events: None,
-            _contents: contents,
+            phases_timed: false,
+            _staging: staging_buffer,
             gpu,
-        };
-        Ok(trainer)
+        })
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// How updates launch from now on.
+    pub fn set_launch(&mut self, launch: Launch) {
+        self.launch = launch;
+    }
+
+    /// CUDA graphs captured so far: one per shape bucket met (at most [`MAX_GRAPHS`]).
+    pub fn graphs_captured(&self) -> usize {
+        self.graphs.len()
     }
 
     /// Records events between the phases of every update from now on (for benchmarks; they cost a few
@@ -318,18 +317,12 @@ impl<'a> GpuTrainer<'a> {
         Ok(())
     }
 
-    /// The phases of the last update, after its step returned.
+    /// The phases of the last update, after its step returned; `None` for a graph replay, whose launches
+    /// no event can fall between.
     pub fn phase_times(&self) -> Result<Option<PhaseTimes>> {
-        let Some(e) = &self.phase_events else { return Ok(None) };
+        let Some(e) = self.phase_events.as_ref().filter(|_| self.phases_timed) else { return Ok(None) };
         let ms = |a: usize| -> Result<f64> { Ok(e[a].elapsed_ms(&e[a + 1])? as f64) };
         Ok(Some(PhaseTimes { forward: ms(0)?, loss: ms(1)?, backward: ms(2)?, optimizer: ms(3)? }))
-    }
-
-    fn mark(&self, phase: usize) -> Result<()> {
-        if let Some(events) = &self.phase_events {
-            events[phase].record(&self.gpu.stream)?;
-        }
-        Ok(())
     }
 
     /// Device memory the trainer holds, by use.
@@ -337,7 +330,7 @@ impl<'a> GpuTrainer<'a> {
         TrainerMemory {
             parameters: self.model.bytes() + self.buffers._buffer.bytes(),
             activations: self.user.bytes() + self.item.bytes(),
-            staging: self._contents.bytes(),
+            staging: self._staging.bytes(),
         }
     }
 
@@ -352,74 +345,109 @@ impl<'a> GpuTrainer<'a> {
 
     /// Gathers `users` into staging buffer `slot` on the host and starts its copy to the device.
     fn prepare(&mut self, slot: usize, users: &[&UserSequence]) -> Result<()> {
-        let dc = self.store.dim();
-        let (batch, packed) = Prepared::plan(&self.settings, users)?;
+        if users.is_empty() || users.len() > self.max_users {
+            bail_input!("GPU trainer: a batch of {} users; it was sized for 1 to {}", users.len(), self.max_users);
+        }
+        let padded = self.launch != Launch::Eager;
+        let batch = Prepared::plan(&self.settings, users, padded, self.store.dim())?;
+        let bytes = batch.plan.bytes;
+        ensure!(bytes <= self.capacity, "GPU trainer: {bytes} staged bytes, beyond the {} planned", self.capacity);
         let stage = &mut self.staging[slot];
-        // The update that last read this buffer (two updates ago) is done with it and with its copy.
-        stage.consumed.synchronize().context("waiting for a content staging buffer")?;
-        let store = self.store;
-        let rows = &mut stage.pinned.as_mut_slice()[..packed.len() * dc];
-        rows.par_chunks_mut(dc).zip(&packed).for_each(|(out, &row)| store.read_row_f16(row as usize, out));
-        stage.pinned.copy_to_device(stage.device, packed.len() * dc, &self.copy)?;
+        // The copy that last read this buffer (two updates ago) is done with it.
+        stage.uploaded.synchronize().context("waiting for a staging buffer")?;
+        batch.fill(&mut stage.pinned.as_mut_slice()[..bytes], self.store)?;
+        // The landing buffer's last batch has moved on to the launches' inputs.
+        self.copy.wait(&self.landed)?;
+        stage.pinned.copy_to_device(self.landing, bytes, &self.copy)?;
         stage.uploaded.record(&self.copy)?;
         stage.batch = Some(batch);
         Ok(())
     }
 
     /// Queues one update on the prepared batch in staging buffer `slot`; returns its pair count.
-    fn launch(&mut self, slot: usize, lr: f64) -> Result<usize> {
-        let (gpu, buf, s) = (&self.gpu, &self.buffers, &self.settings);
-        let stage = &self.staging[slot];
-        let batch = stage.batch.as_ref().context("GPU trainer: no prepared batch")?;
-        let (dc, o) = (self.store.dim(), self.model.config().d_out);
-        gpu.stream.wait(&stage.uploaded)?;
-        self.mark(0)?;
-        let content = |first: usize, rows: usize| GpuContent::PackedF16(stage.device.slice(first * dc, rows * dc));
-        let (hr, tr) = (batch.history_rows, batch.target_rows);
-        let users = self.model.forward(gpu, &mut self.user, content(0, hr), &batch.history, MaskKind::Causal)?;
-        let items = self.model.forward(gpu, &mut self.item, content(hr, tr), &batch.targets, s.item_mask())?;
-
-        self.mark(1)?;
-        let nce = gpu.upload_infonce_layout(&batch.layout, buf.layout)?;
-        let log_q = match &batch.log_q {
-            Some(values) => {
-                gpu.upload(buf.log_q, values)?;
-                Some(buf.log_q.slice(0, values.len()))
-            }
-            None => None,
-        };
+    fn launch_update(&mut self, slot: usize, lr: f64) -> Result<usize> {
+        let batch = self.staging[slot].batch.take().context("GPU trainer: no prepared batch")?;
         let scale = self.loss_scale.scale;
+        let step = AdamStep { lr, t: self.adam_step + 1, loss_scale: scale };
+        let scalars = self.scalars_pinned.as_mut_slice();
+        scalars[..2].copy_from_slice(&infonce_weights(batch.layout.pairs, scale)?);
+        scalars[2..].copy_from_slice(&step.scalars(&self.settings.adam)?);
+        let gpu = &self.gpu;
+        self.scalars_pinned.copy_to_device(self.scalars, SCALARS, &gpu.stream)?;
+        gpu.stream.wait(&self.staging[slot].uploaded)?;
+        gpu.ctx.bind_to_thread()?;
+        // SAFETY: both ranges lie in the staging allocation, `capacity` ≥ plan.bytes each (checked in
+        // prepare); the copy is ordered after the landing copy (the wait above) and before the launches.
+        unsafe {
+            result::memcpy_dtod_async(self.inputs.ptr(), self.landing.ptr(), batch.plan.bytes, gpu.stream.cu_stream())
+        }?;
+        self.landed.record(&gpu.stream)?;
+        let views = batch.views(self.inputs, self.store.dim())?;
+        self.run(&views, batch.key)?;
+        self.readback.copy_from_device(self.buffers.figures, 1 + AdamStats::LEN, &self.gpu.stream)?;
+        self.last_scale = scale;
+        Ok(batch.layout.pairs)
+    }
+
+    /// Runs the update: the bucket's graph (captured now if it is the bucket's first), or the launches one
+    /// by one (eagerly, past [`MAX_GRAPHS`], or once a capture has failed).
+    fn run(&mut self, views: &StepViews, key: Option<BucketKey>) -> Result<()> {
+        let key = match key {
+            Some(key) if self.launch == Launch::Graphs => key,
+            _ => return self.queue(views, true),
+        };
+        if self.graphs.get(&key).is_none() {
+            if !self.graphs.room() {
+                return self.queue(views, true);
+            }
+            let stream = self.gpu.stream.clone();
+            match graphs::capture(&stream, || self.queue(views, false)) {
+                Ok(graph) => self.graphs.insert(key, graph),
+                Err(err) => {
+                    eprintln!("warning: CUDA graphs are off for the rest of the run: {err:#}");
+                    self.launch = Launch::Bucketed;
+                    return self.queue(views, true);
+                }
+            }
+        }
+        let graph = self.graphs.get(&key).context("GPU trainer: a graph captured and gone")?;
+        graph.launch().context("launching the training step's CUDA graph")?;
+        Ok(())
+    }
+
+    /// Queues the update's launches on the compute stream, with the phase events when `timed` (not while
+    /// capturing: an event recorded into a graph times nothing).
+    fn queue(&mut self, v: &StepViews, timed: bool) -> Result<()> {
+        self.phases_timed = timed && self.phase_events.is_some();
+        let (gpu, buf, s) = (&self.gpu, &self.buffers, &self.settings);
+        let events = self.phase_events.as_ref().filter(|_| timed);
+        let mark = |phase: usize| -> Result<()> {
+            if let Some(events) = events {
+                events[phase].record(&gpu.stream)?;
+            }
+            Ok(())
+        };
+        let o = self.model.config().d_out;
+        mark(0)?;
+        let users = self.model.forward_packed(gpu, &mut self.user, &v.history, MaskKind::Causal)?;
+        let items = self.model.forward_packed(gpu, &mut self.item, &v.targets, s.item_mask())?;
+        mark(1)?;
         let (loss, stats) = (buf.figures.slice(0, 1), buf.figures.slice(1, AdamStats::LEN));
-        let (d_users, d_items) = (buf.d_users.slice(0, hr * o), buf.d_items.slice(0, tr * o));
-        gpu.infonce(
-            &nce,
-            users,
-            items,
-            log_q,
-            o,
-            s.tau,
-            scale as f32,
-            loss,
-            buf.lse,
-            d_users,
-            d_items,
-            buf.nce_scratch,
-        )?;
-        self.mark(2)?;
+        let d_users = buf.d_users.slice(0, v.history.shape.rows * o);
+        let d_items = buf.d_items.slice(0, v.targets.shape.rows * o);
+        let weights = self.scalars.slice(0, 2);
+        let scratch = buf.nce_scratch;
+        gpu.infonce(&v.nce, users, items, v.log_q, o, s.tau, weights, loss, buf.lse, d_users, d_items, scratch)?;
+        mark(2)?;
         self.model.zero_grads(gpu)?;
         self.model.backward(gpu, &self.user, d_users)?;
         self.model.backward(gpu, &self.item, d_items)?;
-        self.mark(3)?;
-        // The packed content was read for the last time by the adaptor's weight gradient.
-        stage.consumed.record(&gpu.stream)?;
-
+        mark(3)?;
         let (params, params16, grads) = self.model.buffers();
-        let step = AdamStep { lr, t: self.adam_step + 1, loss_scale: scale, max_norm: s.clip_grad_norm };
-        gpu.adam_step(params, buf.m, buf.v, params16, grads, stats, buf.adam_scratch, &s.adam, step)?;
-        self.mark(4)?;
-        self.readback.copy_from_device(buf.figures, 1 + AdamStats::LEN, &gpu.stream)?;
-        self.last_scale = scale;
-        Ok(batch.layout.pairs)
+        let adam = self.scalars.slice(2, AdamStep::SCALARS);
+        let (max_norm, scratch) = (s.clip_grad_norm, buf.adam_scratch);
+        gpu.adam_step(params, buf.m, buf.v, params16, grads, stats, scratch, adam, &s.adam, max_norm)?;
+        mark(4)
     }
 }
 
@@ -427,11 +455,12 @@ impl StepEngine for GpuTrainer<'_> {
     fn step(&mut self, users: &[&UserSequence], next: Option<&[&UserSequence]>, lr: f64) -> Result<StepOutcome> {
         let slot = self.next;
         let ids: Vec<usize> = users.iter().map(|u| *u as *const UserSequence as usize).collect();
-        if self.staging[slot].batch.as_ref().map(|b| &b.users) != Some(&ids) {
+        let padded = self.launch != Launch::Eager;
+        let staged = self.staging[slot].batch.as_ref().is_some_and(|b| b.users == ids && b.key.is_some() == padded);
+        if !staged {
             self.prepare(slot, users)?;
         }
-        let pairs = self.launch(slot, lr)?;
-        self.staging[slot].batch = None;
+        let pairs = self.launch_update(slot, lr)?;
         self.next = 1 - slot;
         // The host's share of the next update, while the GPU computes this one.
         if let Some(next) = next {
@@ -456,76 +485,5 @@ impl StepEngine for GpuTrainer<'_> {
             loss_scale: self.loss_scale,
             dropout_word_pos: self.dropout_word_pos,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pch::config::ItemTower;
-    use crate::train::batch::Batch;
-    use crate::train::optim::AdamConfig;
-
-    fn user(history: &[u32], targets: &[u32]) -> UserSequence {
-        UserSequence { user: "u".into(), line: 1, history: history.to_vec(), targets: targets.to_vec() }
-    }
-
-    #[test]
-    fn a_planned_batch_is_the_cpu_batch_packed() {
-        let users = [
-            user(&[1, 2, 3, 4, 5, 6], &[7, 8, 9]),
-            user(&[9], &[3, 1, 2, 5]),
-            user(&[4, 4, 2], &[7]),
-            user(&[11, 12, 13, 14], &[9, 2]),
-        ];
-        let refs: Vec<&UserSequence> = users.iter().collect();
-        let settings = StepSettings {
-            history: 4,
-            targets: 3,
-            tau: 0.05,
-            keep_false_negatives: false,
-            positions: LossPositions::All,
-            item_tower: ItemTower::Causal,
-            clip_grad_norm: None,
-            adam: AdamConfig::default(),
-            seed: 0,
-            log_q: Some((0..16).map(|i| -(i as f32)).collect()),
-        };
-        let (plan, packed) = Prepared::plan(&settings, &refs).unwrap();
-        let cpu = Batch::assemble(&refs, 4, 3, None);
-        let valid =
-            |side: &crate::train::batch::Side| -> Vec<u32> { side.shape.valid_rows().map(|r| side.rows[r]).collect() };
-        assert_eq!(packed, [valid(&cpu.history), valid(&cpu.targets)].concat());
-        assert_eq!(packed[..plan.history_rows], [3, 4, 5, 6, 9, 4, 4, 2, 11, 12, 13, 14]);
-        assert_eq!(
-            (plan.history.clone(), plan.targets.clone()),
-            (cpu.history.shape.clone(), cpu.targets.shape.clone())
-        );
-        assert_eq!((plan.history_rows, plan.target_rows), (12, 9));
-        assert_eq!(plan.log_q.as_deref(), Some(&[-7.0, -8.0, -9.0, -3.0, -1.0, -2.0, -7.0, -9.0, -2.0][..]));
-
-        // The same queries, columns and false negatives as the CPU's padded layout, at packed rows.
-        let (hs, ts) = (&cpu.history.shape, &cpu.targets.shape);
-        let padded = InfoNceLayout::new(
-            &hs.lengths,
-            &ts.lengths,
-            &cpu.targets.rows,
-            hs.len,
-            ts.len,
-            LossPositions::All,
-            false,
-            Rows::Padded,
-        )
-        .unwrap();
-        let to_packed = |shape: &PchBatchShape| {
-            let order: Vec<usize> = shape.valid_rows().collect();
-            move |r: i32| order.iter().position(|&v| v == r as usize).unwrap() as i32
-        };
-        let (q, c) = (to_packed(hs), to_packed(ts));
-        assert_eq!(plan.layout.q_row, padded.q_row.iter().map(|&r| q(r)).collect::<Vec<_>>());
-        assert_eq!(plan.layout.c_row, padded.c_row.iter().map(|&r| c(r)).collect::<Vec<_>>());
-        assert_eq!((plan.layout.ban.clone(), plan.layout.pairs), (padded.ban.clone(), padded.pairs));
-        assert!(plan.layout.ban.iter().any(|&w| w != 0), "the batch shares items, so some columns are banned");
-        assert_eq!((plan.layout.user_rows, plan.layout.item_rows), (12, 9));
     }
 }
