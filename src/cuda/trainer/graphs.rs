@@ -13,9 +13,10 @@ use cudarc::driver::{CudaGraph, CudaStream, sys};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Most graphs one trainer keeps. The batches of a run fall into a few buckets each way (the row ladder of
-/// crate::cuda::bucket), so this is rarely met; each graph holds its launches' parameters.
-pub const MAX_GRAPHS: usize = 32;
+/// Most graphs one trainer keeps. The row counts of a run's batches spread over a few hundred rows each way
+/// (sums over the batch's users), a handful of 64-row buckets per tower, so this is rarely met; each graph
+/// holds its launches' parameters (about a thousand launches at pch-base).
+pub const MAX_GRAPHS: usize = 128;
 
 #[derive(Default)]
 pub(super) struct Graphs {
