@@ -169,13 +169,18 @@ __device__ void lse_impl(float* __restrict__ lse, const float* __restrict__ user
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const float top = half_max(fmaxf(fmaxf(s[i][0], s[i][1]), fmaxf(s[i][2], s[i][3])));
-            if (top == neg_inf()) continue;  // the same for all 16 lanes of the row
+            // A row with no negative in the tile changes nothing, but its lanes still join half_sum: the
+            // shuffle names the whole warp, whose other row may have some.
+            const bool some = top != neg_inf();  // the same for all 16 lanes of the row
             const float new_m = fmaxf(m[i], top);
             float part = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) part += expf(s[i][j] - new_m);
-            l[i] = l[i] * expf(m[i] - new_m) + half_sum(part);
-            m[i] = new_m;
+            for (int j = 0; j < 4; ++j) part += some ? expf(s[i][j] - new_m) : 0.0f;
+            const float total = half_sum(part);
+            if (some) {
+                l[i] = l[i] * expf(m[i] - new_m) + total;
+                m[i] = new_m;
+            }
         }
     }
 #pragma unroll

@@ -662,7 +662,12 @@ fn infonce_runs_at_b1024_h80_t40_like_the_cpu_and_repeats() {
 /// A packed attention batch on the device: its offsets and 64-row tiles, then `empty` empty tiles (as a
 /// training step's shape bucket launches them), kept alive with the batch.
 fn attention_batch(gpu: &Gpu, lengths: &[usize], heads: usize, empty: usize) -> (Vec<DeviceBuffer>, AttnBatch) {
-    let offsets: Vec<usize> = std::iter::once(0).chain(lengths.iter().scan(0, |a, &n| Some(*a + n))).collect();
+    let offsets: Vec<usize> = std::iter::once(0)
+        .chain(lengths.iter().scan(0, |at, &n| {
+            *at += n;
+            Some(*at)
+        }))
+        .collect();
     let mut tiles = Vec::new();
     attention_tiles(&offsets, &mut tiles);
     tiles.extend(std::iter::repeat_n([-1, -1], empty));
