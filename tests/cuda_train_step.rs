@@ -414,7 +414,7 @@ fn a_bucket_padded_with_a_dummy_sequence_gives_the_unpadded_result_exactly() {
     let start = params(&mut rng);
     let history_rows: usize = users.iter().map(|u| u.recent_history(24).len()).sum();
     let target_rows: usize = users.iter().map(|u| u.first_targets(8).len()).sum();
-    assert!(history_rows % 64 != 0 && target_rows % 64 != 0, "both towers need a dummy sequence");
+    assert!(!history_rows.is_multiple_of(64) && !target_rows.is_multiple_of(64), "both towers need a dummy sequence");
     for (tower, log_q, positions) in
         [(ItemTower::Causal, false, LossPositions::All), (ItemTower::SelfOnly, true, LossPositions::Last)]
     {

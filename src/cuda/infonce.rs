@@ -476,7 +476,7 @@ mod tests {
         };
         assert_eq!(words(offsets[3], 128), padded.c_user);
         assert_eq!(words(offsets[6], 12).iter().map(|&w| w as u32).collect::<Vec<_>>(), padded.ban);
-        assert!(padded.write(&mut vec![0; 16]).is_err());
+        assert!(padded.write(&mut [0; 16]).is_err());
         assert!(lay.clone().pad(5, 128, 70, 64).is_err(), "fewer queries than the batch has");
         assert!(lay.clone().pad(64, 128, 5, 64).is_err(), "fewer user rows than the batch has");
     }
