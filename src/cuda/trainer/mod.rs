@@ -383,6 +383,7 @@ impl<'a> GpuTrainer<'a> {
         }?;
         self.landed.record(&gpu.stream)?;
         let views = batch.views(self.inputs, self.store.dim())?;
+        self.phases_timed = false;
         self.run(&views, batch.key)?;
         self.readback.copy_from_device(self.buffers.figures, 1 + AdamStats::LEN, &self.gpu.stream)?;
         self.last_scale = scale;
