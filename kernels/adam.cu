@@ -8,7 +8,9 @@
 //     adam_update      the update of src/train/optim.rs, skipped entirely when stats says so
 //
 // stats stays on the device, so a whole step can be captured in a CUDA graph with no host round trip; the
-// host reads it with the loss, to log the norm and to grow or back off the loss scale.
+// host reads it with the loss, to log the norm and to grow or back off the loss scale. The scalars that
+// change from one update to the next (the loss scale, the learning rate, the bias corrections) are read from
+// `step` in device memory, not passed as arguments, which a graph would freeze at its capture.
 #include "common.cuh"
 
 #define ADAM_NORM_THREADS 256
@@ -17,6 +19,12 @@
 #define STAT_NORM 0
 #define STAT_COEF 1
 #define STAT_SKIP 2
+
+// Where the update's scalars live in `step` (the host forms them: src/cuda/train_ops.rs AdamStep::scalars).
+#define STEP_INV_SCALE 0
+#define STEP_DECAY 1
+#define STEP_NEG_STEP 2
+#define STEP_BC2_SQRT 3
 
 __device__ __forceinline__ double warp_sum_f64(double v) {
 #pragma unroll
@@ -51,17 +59,17 @@ extern "C" __global__ void __launch_bounds__(ADAM_NORM_THREADS)
 }
 
 // One block of ADAM_NORM_THREADS. norm = √(Σ partials) · inv_scale (exact when the loss scale is a power of
-// two); the step is skipped when the norm is not finite (an fp16 overflow somewhere in the backward). With
+// two, whose inverse fp32 holds exactly); the step is skipped when the norm is not finite (an fp16 overflow somewhere in the backward). With
 // max_norm > 0 the factor is clip_grad_norm_'s, formed in fp32 as src/train/optim.rs forms it:
 // (1 / (norm + 1e-6)) · max_norm, applied only when below 1.
 extern "C" __global__ void __launch_bounds__(ADAM_NORM_THREADS)
-    grad_norm_finish(float* __restrict__ stats, const double* __restrict__ partials, int blocks, double inv_scale,
-                     float max_norm) {
+    grad_norm_finish(float* __restrict__ stats, const double* __restrict__ partials, int blocks,
+                     const float* __restrict__ step, float max_norm) {
     double s = 0.0;
     for (int b = threadIdx.x; b < blocks; b += blockDim.x) s += partials[b];
     s = block_sum_f64(s);
     if (threadIdx.x != 0) return;
-    const float norm = (float)(sqrt(s) * inv_scale);
+    const float norm = (float)(sqrt(s) * (double)step[STEP_INV_SCALE]);
     const bool finite = isfinite(norm);
     float coef = 1.0f;
     if (finite && max_norm > 0.0f) {
@@ -74,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(ADAM_NORM_THREADS)
 }
 
 // Per element, in the order of src/train/optim.rs (the host forms the scalars in f64 and rounds them to
-// fp32 as it does), with every operation rounded where the reference rounds it: no contraction into fused
+// fp32 as it does; inv_scale, decay, neg_step and bc2_sqrt come from `step`), with every operation rounded where the reference rounds it: no contraction into fused
 // multiply-adds other than the two the reference fuses, so the result is the CPU's bit for bit.
 //     g  = (grad · inv_scale) · coef
 //     p  = p · decay                              decay = 1 − lr·wd
@@ -83,10 +91,12 @@ extern "C" __global__ void __launch_bounds__(ADAM_NORM_THREADS)
 //     p  = p + neg_step · m / (√v / bc2_sqrt + eps),   p16 = fp16(p)
 extern "C" __global__ void adam_update(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
                                        f16* __restrict__ p16, const float* __restrict__ grads,
-                                       const float* __restrict__ stats, index_t n, float inv_scale, float decay,
-                                       float w1, float beta2, float w2, float neg_step, float bc2_sqrt, float eps) {
+                                       const float* __restrict__ stats, const float* __restrict__ step, index_t n,
+                                       float w1, float beta2, float w2, float eps) {
     if (stats[STAT_SKIP] != 0.0f) return;
     const float coef = stats[STAT_COEF];
+    const float inv_scale = step[STEP_INV_SCALE], decay = step[STEP_DECAY];
+    const float neg_step = step[STEP_NEG_STEP], bc2_sqrt = step[STEP_BC2_SQRT];
     const bool small_w1 = w1 < 0.5f;
     for (index_t i = blockIdx.x * (index_t)blockDim.x + threadIdx.x; i < n; i += (index_t)gridDim.x * blockDim.x) {
         const float g = __fmul_rn(__fmul_rn(grads[i], inv_scale), coef);

@@ -16,7 +16,12 @@
 //
 // The gradients may carry a loss scale S (mixed-precision training): infonce_pos weighs the pairs by S/P
 // instead of 1/P, and every gradient flows from those weights. With S a power of two the scaled gradients
-// are the unscaled ones times S exactly; the loss itself is never scaled.
+// are the unscaled ones times S exactly; the loss itself is never scaled. Both weights are read from device
+// memory, so a CUDA graph that captured the launch replays it with the next update's scale and pair count.
+//
+// Padding: a query or column whose row (and user) is −1 is padding, as one past the last: it loads as
+// zeros, is masked out of every score, and nothing is written for it. A training step padded to a shape
+// bucket (src/cuda/trainer) so fills whole tiles, and its results are those of the unpadded batch exactly.
 //
 // Scores are fp32 products of the fp32 embeddings: with τ = 0.05 they reach ±20, where fp16 inputs would
 // move the loss by about 1e-2. Tiles are 64 queries × 64 columns for 256 threads as 16 × 16; thread
@@ -55,14 +60,16 @@ __device__ __forceinline__ float half_sum(float v) {
     return v;
 }
 
-// Rows first .. first+63 of `src` (row r of the tile is src row idx[first + r]; zero past `total`), times
-// `scale`, into dst with rows of D + 1. Consecutive threads read consecutive floats of a row.
+// Rows first .. first+63 of `src` (row r of the tile is src row idx[first + r]; zero past `total` and for
+// padding, idx −1), times `scale`, into dst with rows of D + 1. Consecutive threads read consecutive floats
+// of a row.
 template <int D>
 __device__ __forceinline__ void load_tile(float* dst, const float* __restrict__ src, const int* __restrict__ idx,
                                           int first, int total, float scale) {
     for (int e = threadIdx.x; e < NCE_TILE * D; e += NCE_THREADS) {
         const int r = e / D, k = e % D;
-        dst[r * (D + 1) + k] = first + r < total ? src[(index_t)idx[first + r] * D + k] * scale : 0.0f;
+        const int row = first + r < total ? idx[first + r] : -1;
+        dst[r * (D + 1) + k] = row >= 0 ? src[(index_t)row * D + k] * scale : 0.0f;
     }
 }
 
@@ -88,7 +95,7 @@ __device__ __forceinline__ void tile_products(float s[4][4], const float* qs, co
     }
 }
 
-// Per column of a tile: its user (−1 past the last column) and its shift (log q, or 0).
+// Per column of a tile: its user (−1 past the last column and for padding) and its shift (log q, or 0).
 struct ColumnInfo {
     int user[NCE_TILE];
     float shift[NCE_TILE];
@@ -98,7 +105,7 @@ __device__ __forceinline__ void load_columns(ColumnInfo& info, const int* __rest
                                              const int* __restrict__ c_row, const float* __restrict__ log_q,
                                              int first, int nc) {
     for (int c = threadIdx.x; c < NCE_TILE; c += NCE_THREADS) {
-        const bool real = first + c < nc;
+        const bool real = first + c < nc && c_user[first + c] >= 0;
         info.user[c] = real ? c_user[first + c] : -1;
         info.shift[c] = real && log_q != nullptr ? log_q[c_row[first + c]] : 0.0f;
     }
@@ -160,7 +167,7 @@ __device__ void lse_impl(float* __restrict__ lse, const float* __restrict__ user
         tile_products<D>(s, qs, cs);
         mask_scores(s, row_user, info, ban, words, c0);
         // Every lane of the warp takes both shuffles: the two half-warps hold different rows, and a full-mask
-        // shuffle that one half skips is undefined (the emulator reports it as a deadlock).
+        // shuffle that one half skips is undefined (the emulator reports it).
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const float top = half_max(fmaxf(fmaxf(s[i][0], s[i][1]), fmaxf(s[i][2], s[i][3])));
@@ -207,8 +214,8 @@ __device__ void dq_impl(float* __restrict__ d_users, const float* __restrict__ u
     for (int i = 0; i < 4; ++i) {
         const int q = first + ty + 16 * i;
         row_user[i] = q < nq ? q_user[q] : -1;
-        row_lse[i] = q < nq ? lse[q] : neg_inf();
-        row_g[i] = q < nq ? g[q] : 0.0f;
+        row_lse[i] = row_user[i] >= 0 ? lse[q] : neg_inf();
+        row_g[i] = row_user[i] >= 0 ? g[q] : 0.0f;
 #pragma unroll
         for (int j = 0; j < D / 16; ++j) acc[i][j] = 0.0f;
     }
@@ -244,9 +251,8 @@ __device__ void dq_impl(float* __restrict__ d_users, const float* __restrict__ u
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const int q = first + ty + 16 * i;
-        if (q >= nq) continue;
-        float* out = d_users + (index_t)q_row[q] * D;
+        if (row_user[i] < 0) continue;  // past the last query, or padding
+        float* out = d_users + (index_t)q_row[first + ty + 16 * i] * D;
 #pragma unroll
         for (int j = 0; j < D / 16; ++j) out[tx + 16 * j] = (out[tx + 16 * j] + acc[i][j]) * inv_tau;
     }
@@ -285,8 +291,8 @@ __device__ void dc_impl(float* __restrict__ d_items, const float* __restrict__ u
         for (int i = 0; i < 4; ++i) {
             const int q = first + ty + 16 * i;
             row_user[i] = q < nq ? q_user[q] : -1;
-            row_lse[i] = q < nq ? lse[q] : neg_inf();
-            row_g[i] = q < nq ? g[q] : 0.0f;
+            row_lse[i] = row_user[i] >= 0 ? lse[q] : neg_inf();
+            row_g[i] = row_user[i] >= 0 ? g[q] : 0.0f;
         }
         float s[4][4];
         tile_products<D>(s, qs, cs);
@@ -315,7 +321,7 @@ __device__ void dc_impl(float* __restrict__ d_items, const float* __restrict__ u
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int c = c0 + ty + 16 * i;
-        if (c >= nc) continue;
+        if (c >= nc || c_user[c] < 0) continue;  // past the last column, or padding
         float* out = d_items + (index_t)c_row[c] * D;
 #pragma unroll
         for (int j = 0; j < D / 16; ++j) out[tx + 16 * j] += acc[i][j];
@@ -323,7 +329,7 @@ __device__ void dc_impl(float* __restrict__ d_items, const float* __restrict__ u
 }
 
 // Pass 2, one block per user: its queries q (NCE_CHUNK at a time) against its own columns k, with
-// w_qk = σ(N_q − s_qk)/P:
+// w_qk = σ(N_q − s_qk)·S/P (weights = {1/P, S/P}):
 //     loss_part[user] = Σ softplus(N_q − s_qk) / P,   g[q] = Σ_k w_qk,
 //     d_users[q] = −Σ_k w_qk·v_k  (∂L/∂q̃, positives only),   d_items[k] = −Σ_q w_qk·q̃_q
 // The inner products are short (at most NCE_MAX_TARGETS by d), so they read the embeddings from memory
@@ -333,13 +339,14 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
                                        const float* __restrict__ items, const float* __restrict__ log_q,
                                        const int* __restrict__ q_row, const int* __restrict__ c_row,
                                        const int* __restrict__ q_start, const int* __restrict__ c_start,
-                                       const float* __restrict__ lse, int d, float inv_tau, float inv_pairs,
-                                       float grad_weight) {
+                                       const float* __restrict__ lse, const float* __restrict__ weights, int d,
+                                       float inv_tau) {
     __shared__ float w[NCE_CHUNK][NCE_MAX_TARGETS];
     __shared__ float scratch[32];
     const int user = blockIdx.x;
     const int q0 = q_start[user], q1 = q_start[user + 1];
     const int k0 = c_start[user], nt = c_start[user + 1] - k0;
+    const float inv_pairs = weights[0], grad_weight = weights[1];
     float loss = 0.0f;
     for (int j0 = q0; j0 < q1; j0 += NCE_CHUNK) {
         const int nj = min(NCE_CHUNK, q1 - j0);

@@ -8,7 +8,8 @@
 //
 // Causal mask (the user tower, and the item tower's Variant 1) — flash-attention style, in three kernels,
 // one block per (64-row tile of a sequence, head), tiles built on the host (ops.rs attention_tiles),
-// grid = (tiles, heads); four warps own 16 rows each and walk the other side in steps of 32 rows with the
+// grid = (tiles, heads); a tile whose sequence is −1 is empty and its blocks return at once (a training step
+// replayed from a CUDA graph launches its shape bucket's largest tile count); four warps own 16 rows each and walk the other side in steps of 32 rows with the
 // products on tensor cores (wmma, sm_70) and the element-wise softmax work on fp32 tiles in shared memory
 // (a wmma accumulator's element-to-register mapping is unspecified):
 //   fwd:  per query tile, an online softmax over the keys 0 .. its last row; keeps lse = log Σ e^(s/8) per
@@ -35,8 +36,8 @@
 #define MA_LN2 0.6931471805599453f
 #define MA_LOG2E 1.4426950408889634f
 
-// Where a block's tile lies: its sequence's length n, the first row of the tile within it, and the first
-// row of the (sequence, head) block in the [rows·heads, 64] tensors.
+// Where a block's tile lies: its sequence's length n (−1 for an empty tile), the first row of the tile within
+// it, and the first row of the (sequence, head) block in the [rows·heads, 64] tensors.
 struct MaTile {
     int n, row0;
     index_t base;
@@ -45,6 +46,7 @@ struct MaTile {
 __device__ __forceinline__ MaTile ma_tile(const int* __restrict__ cu_seqlens, const int2* __restrict__ tiles,
                                           int heads) {
     const int2 tile = tiles[blockIdx.x];
+    if (tile.x < 0) return MaTile{-1, 0, 0};
     const int start = cu_seqlens[tile.x];
     const int n = cu_seqlens[tile.x + 1] - start;
     return MaTile{n, tile.y, (index_t)start * heads + (index_t)blockIdx.y * n};
@@ -132,6 +134,7 @@ extern "C" __global__ void __launch_bounds__(MA_THREADS)
     float* sL = sM + MA_BM;
 
     const MaTile t = ma_tile(cu_seqlens, tiles, heads);
+    if (t.n < 0) return;  // an empty tile: the whole block leaves before any barrier
     const int n = t.n, q0 = t.row0;
     const f16* q_base = q + t.base * MA_HD;
     const f16* k_base = k + t.base * MA_HD;
@@ -262,6 +265,7 @@ extern "C" __global__ void __launch_bounds__(MA_THREADS)
     float* sD = sLse + MA_BM;
 
     const MaTile t = ma_tile(cu_seqlens, tiles, heads);
+    if (t.n < 0) return;  // an empty tile: the whole block leaves before any barrier
     const int n = t.n, q0 = t.row0;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = lane >> 1, part = lane & 1;  // two lanes per query row
@@ -356,6 +360,7 @@ extern "C" __global__ void __launch_bounds__(MA_THREADS)
     float* sD = sLse + MA_BN;
 
     const MaTile t = ma_tile(cu_seqlens, tiles, heads);
+    if (t.n < 0) return;  // an empty tile: the whole block leaves before any barrier
     const int n = t.n, k0 = t.row0;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = lane >> 1, part = lane & 1;  // two lanes per key row

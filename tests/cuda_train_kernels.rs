@@ -14,7 +14,7 @@ use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
 use learn_kern::cpu::masked_attention::{Heads, MaskKind, Varlen};
 use learn_kern::cuda::Gpu;
 use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM};
-use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows};
+use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows, infonce_weights};
 use learn_kern::cuda::memory::{Dev, DeviceBuffer};
 use learn_kern::cuda::ops::attention_tiles;
 use learn_kern::cuda::train_ops::{AdamStats, AdamStep};
@@ -262,8 +262,8 @@ fn adam_case(gpu: &Gpu, rng: &mut impl RngExt, config: AdamConfig, max_norm: Opt
     let (_g, g_dev) = upload(gpu, &grads_scaled);
     let (s_buf, stats) = poisoned::<f32>(gpu, AdamStats::LEN);
     let (_sc, scratch) = poisoned::<f64>(gpu, gpu.adam_scratch_len(n));
-    let step = AdamStep { lr, t, loss_scale, max_norm };
-    gpu.adam_step(p_dev, m_dev, v_dev, p16, g_dev, stats, scratch, &config, step).unwrap();
+    let (_st, scalars) = upload(gpu, &AdamStep { lr, t, loss_scale }.scalars(&config).unwrap());
+    gpu.adam_step(p_dev, m_dev, v_dev, p16, g_dev, stats, scratch, scalars, &config, max_norm).unwrap();
     let got_stats = AdamStats::from_device(&read(gpu, &s_buf, stats, "stats")).unwrap();
 
     // The reference: unscaled gradients (exact: the scale is a power of two), clipped, one update at t.
@@ -331,8 +331,9 @@ fn adam_skips_a_step_whose_gradients_overflowed() {
         let (_g, g_dev) = upload(&gpu, &grads);
         let (s_buf, stats) = poisoned::<f32>(&gpu, AdamStats::LEN);
         let (_sc, scratch) = poisoned::<f64>(&gpu, gpu.adam_scratch_len(n));
-        let step = AdamStep { lr: 1e-3, t: 1, loss_scale: 65536.0, max_norm: Some(1.0) };
-        gpu.adam_step(p_dev, m_dev, v_dev, p16_dev, g_dev, stats, scratch, &AdamConfig::default(), step).unwrap();
+        let config = AdamConfig::default();
+        let (_st, scalars) = upload(&gpu, &AdamStep { lr: 1e-3, t: 1, loss_scale: 65536.0 }.scalars(&config).unwrap());
+        gpu.adam_step(p_dev, m_dev, v_dev, p16_dev, g_dev, stats, scratch, scalars, &config, Some(1.0)).unwrap();
         let got = AdamStats::from_device(&read(&gpu, &s_buf, stats, "stats")).unwrap();
         assert!(got.skipped && !got.grad_norm.is_finite(), "{bad}: {got:?}");
         assert_eq!(gpu.download(p_dev).unwrap(), params, "{bad}: weights moved");
@@ -360,6 +361,10 @@ struct NceCase {
     /// How the GPU sees the rows (the CPU always padded), and the loss scale its gradients carry.
     rows: Rows,
     grad_scale: f32,
+    /// Padding as a training step's shape bucket adds it: this many more rows in the users and items arrays
+    /// (NaN, never to be read; zero gradients), and the queries and columns padded to whole tiles and one
+    /// more.
+    pad_rows: usize,
 }
 
 /// The valid rows of a padded `[n, len, d]` array, user by user.
@@ -408,6 +413,7 @@ impl NceCase {
             log_q: None,
             rows: Rows::Padded,
             grad_scale: 1.0,
+            pad_rows: 0,
         }
     }
 
@@ -415,9 +421,14 @@ impl NceCase {
     /// first.
     fn gpu(&self, gpu: &Gpu) -> (f32, Vec<f32>, Vec<f32>, Vec<f32>) {
         let (h, t, d) = (self.h, self.t, self.d);
-        let layout =
+        let mut layout =
             InfoNceLayout::new(&self.hist_len, &self.tgt_len, &self.ids, h, t, self.positions, self.keep, self.rows)
                 .unwrap();
+        let (nu, ni, extra) = (layout.user_rows, layout.item_rows, self.pad_rows);
+        if extra > 0 {
+            let whole = |n: usize| n.next_multiple_of(64) + 64;
+            layout.pad(whole(layout.q_row.len()), whole(layout.c_row.len()), nu + extra, ni + extra).unwrap();
+        }
         let region = gpu.alloc(layout.device_bytes().max(1), "layout").unwrap();
         let batch = gpu.upload_infonce_layout(&layout, region.all::<u8>()).unwrap();
         let packed = self.rows == Rows::Packed;
@@ -427,24 +438,43 @@ impl NceCase {
         } else {
             (self.users.clone(), self.items.clone(), self.log_q.clone())
         };
-        let (_u, users_dev) = upload(gpu, &users);
-        let (_i, items_dev) = upload(gpu, &items);
-        let log_q = log_q.as_ref().map(|l| upload(gpu, l));
+        let nan_rows = |mut v: Vec<f32>, rows: usize| {
+            v.resize(v.len() + rows, f32::NAN);
+            v
+        };
+        let (_u, users_dev) = upload(gpu, &nan_rows(users, extra * d));
+        let (_i, items_dev) = upload(gpu, &nan_rows(items, extra * d));
+        let log_q = log_q.map(|l| upload(gpu, &nan_rows(l, extra)));
         let (loss_buf, loss) = poisoned::<f32>(gpu, 1);
         let (lse_buf, lse) = poisoned::<f32>(gpu, batch.queries());
-        let (du_buf, du) = poisoned::<f32>(gpu, users.len());
-        let (di_buf, di) = poisoned::<f32>(gpu, items.len());
+        let (du_buf, du) = poisoned::<f32>(gpu, (nu + extra) * d);
+        let (di_buf, di) = poisoned::<f32>(gpu, (ni + extra) * d);
         let (_s, scratch) = poisoned::<f32>(gpu, gpu.infonce_scratch_len(&batch));
         let log_q = log_q.as_ref().map(|l| l.1);
-        gpu.infonce(&batch, users_dev, items_dev, log_q, d, self.tau, self.grad_scale, loss, lse, du, di, scratch)
-            .unwrap();
-        let (du, di) = (read(gpu, &du_buf, du, "d_users"), read(gpu, &di_buf, di, "d_items"));
+        let (_w, weights) = upload(gpu, &infonce_weights(layout.pairs, self.grad_scale as f64).unwrap());
+        gpu.infonce(&batch, users_dev, items_dev, log_q, d, self.tau, weights, loss, lse, du, di, scratch).unwrap();
+        let (mut du, mut di) = (read(gpu, &du_buf, du, "d_users"), read(gpu, &di_buf, di, "d_items"));
+        for (grads, rows) in [(&mut du, nu), (&mut di, ni)] {
+            assert!(grads[rows * d..].iter().all(|&g| g.to_bits() == 0), "a padding row's gradient is not +0");
+            grads.truncate(rows * d);
+        }
+        let mut lse = read(gpu, &lse_buf, lse, "lse");
+        let padding = lse.split_off(self.query_count());
+        assert!(padding.iter().all(|&x| x == f32::NEG_INFINITY), "a padding query has negatives");
         let (du, di) = if packed {
             (unpack_rows(&du, &self.hist_len, h, d), unpack_rows(&di, &self.tgt_len, t, d))
         } else {
             (du, di)
         };
-        (read(gpu, &loss_buf, loss, "loss")[0], read(gpu, &lse_buf, lse, "lse"), du, di)
+        (read(gpu, &loss_buf, loss, "loss")[0], lse, du, di)
+    }
+
+    /// Queries of the unpadded batch.
+    fn query_count(&self) -> usize {
+        match self.positions {
+            LossPositions::All => self.hist_len.iter().sum(),
+            LossPositions::Last => self.hist_len.len(),
+        }
     }
 
     /// The CPU reference in f64 (or f32), gradients poisoned first.
@@ -572,6 +602,28 @@ fn infonce_over_packed_rows_with_a_loss_scale_is_the_padded_result_times_the_sca
 }
 
 #[test]
+fn infonce_padded_to_whole_tiles_is_the_unpadded_result_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("infonce tile padding");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for d in INFONCE_WIDTHS {
+        let base =
+            NceCase { rows: Rows::Packed, grad_scale: 256.0, ..NceCase::random(&mut rng, 23, 9, 6, d, 25, false) };
+        let log_q = Some(base.ids.iter().map(|&id| -2.0 - 0.1 * (id % 7) as f32).collect());
+        for case in [base.clone(), NceCase { log_q, positions: LossPositions::Last, keep: true, ..base }] {
+            let what = format!("d {d}, {:?}, log q {}", case.positions, case.log_q.is_some());
+            let (loss, lse, du, di) = case.gpu(&gpu);
+            // Padding rows hold NaN: reading one would show in every result.
+            let (loss_p, lse_p, du_p, di_p) = NceCase { pad_rows: 70, ..case.clone() }.gpu(&gpu);
+            assert_eq!(loss.to_bits(), loss_p.to_bits(), "{what}: loss");
+            assert_eq!(bits(&lse), bits(&lse_p), "{what}: lse");
+            assert_eq!(bits(&du), bits(&du_p), "{what}: d_users");
+            assert_eq!(bits(&di), bits(&di_p), "{what}: d_items");
+        }
+    }
+}
+
+#[test]
 fn infonce_without_negatives_is_exactly_zero() {
     let Some(gpu) = gpu() else { return };
     let mut rng = rng("infonce zero");
@@ -602,16 +654,18 @@ fn infonce_runs_at_b1024_h80_t40_like_the_cpu_and_repeats() {
     assert!(bits(&first.2) == bits(&again.2) && bits(&first.3) == bits(&again.3), "gradients repeat");
 }
 
-/// A packed attention batch on the device: its offsets and 64-row tiles, kept alive with the batch.
-fn attention_batch(gpu: &Gpu, lengths: &[usize], heads: usize) -> (Vec<DeviceBuffer>, AttnBatch) {
+/// A packed attention batch on the device: its offsets and 64-row tiles, then `empty` empty tiles (as a
+/// training step's shape bucket launches them), kept alive with the batch.
+fn attention_batch(gpu: &Gpu, lengths: &[usize], heads: usize, empty: usize) -> (Vec<DeviceBuffer>, AttnBatch) {
     let offsets: Vec<usize> = std::iter::once(0)
-        .chain(lengths.iter().scan(0, |end, &n| {
-            *end += n;
-            Some(*end)
+        .chain(lengths.iter().scan(0, |at, &n| {
+            *at += n;
+            Some(*at)
         }))
         .collect();
     let mut tiles = Vec::new();
     attention_tiles(&offsets, &mut tiles);
+    tiles.extend(std::iter::repeat_n([-1, -1], empty));
     let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
     let (cu_buf, cu_seqlens) = upload(gpu, &cu);
     let (tiles_buf, tiles_dev) = upload(gpu, &tiles);
@@ -647,13 +701,15 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
     let mut rng = rng("masked attention");
     let dh = MASKED_ATTENTION_HEAD_DIM;
     // Lengths of 1, below, at and past a 16-row fragment and a 64-row tile, the PCH shapes (H = 80, T = 40,
-    // 12 heads) and the longest sequence (512).
+    // 12 heads) and the longest sequence (512); empty tiles after the real ones in every other shape (their
+    // blocks must write nothing: the outputs are poisoned).
     let shapes: [(usize, &[usize]); 4] =
         [(2, &[1, 17, 64, 5, 100, 16]), (12, &[80, 79, 1, 33, 80]), (12, &[40, 40, 7, 1]), (1, &[512, 1, 200])];
-    for (heads, lengths) in shapes {
+    for (i, (heads, lengths)) in shapes.into_iter().enumerate() {
         for mask in [MaskKind::Causal, MaskKind::Diagonal] {
-            let what = format!("masked attention {mask:?}, {heads} heads, lengths {lengths:?}");
-            let (_keep, batch) = attention_batch(&gpu, lengths, heads);
+            let empty = i % 2 * 5;
+            let what = format!("masked attention {mask:?}, {heads} heads, lengths {lengths:?}, {empty} empty tiles");
+            let (_keep, batch) = attention_batch(&gpu, lengths, heads, empty);
             let n = batch.elements();
             let lanes = batch.rows * heads;
             let [q, k, v, dout] = [2.0, 2.0, 1.0, 1.0].map(|scale| f16s(&uniform(&mut rng, n, scale)));
@@ -725,7 +781,7 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
 #[test]
 fn masked_attention_rejects_bad_shapes() {
     let Some(gpu) = gpu() else { return };
-    let (_keep, batch) = attention_batch(&gpu, &[3, 70], 2);
+    let (_keep, batch) = attention_batch(&gpu, &[3, 70], 2, 0);
     let n = batch.elements();
     let (_b, buf) = poisoned::<f16>(&gpu, n + 8);
     let (_l, lse) = poisoned::<f32>(&gpu, batch.rows * 2);

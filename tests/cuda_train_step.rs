@@ -1,14 +1,17 @@
-//! The GPU training step (src/cuda/trainer.rs) against the CPU reference engine (src/train/engine.rs): the
+//! The GPU training step (src/cuda/trainer) against the CPU reference engine (src/train/engine.rs): the
 //! loss and every parameter's gradient after one update within the 1e-2 (fp16 compute against f32),
 //! a 50-update loss curve that tracks the CPU's, an overflowing update skipped without touching anything,
-//! and `train --device cuda` resuming a CPU run (and the reverse) in the same run directory. Each test
-//! skips, saying why, without a GPU.
+//! and `train --device cuda` resuming a CPU run (and the reverse) in the same run directory. Then the step
+//! against itself: replayed from CUDA graphs, padded to its shape bucket and launched eagerly, the same
+//! updates give the same bits, an overflow skipped inside a replay included. Each test skips, saying why,
+//! without a GPU.
 
 mod cuda_support;
 
 use cuda_support::{assert_rel, binary, gpu, rng};
 use learn_kern::cpu::infonce::LossPositions;
-use learn_kern::cuda::trainer::GpuTrainer;
+use learn_kern::cuda::bucket::padded_rows;
+use learn_kern::cuda::trainer::{GpuTrainer, Launch};
 use learn_kern::data::sequences::UserSequence;
 use learn_kern::embed::store::ContentStore;
 use learn_kern::npy::{Dtype, NpyMatrixMut};
@@ -274,4 +277,158 @@ fn train_on_cuda_continues_a_killed_cpu_run() {
         log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     assert!(mean(&losses[110..]) < mean(&losses[..10]), "the GPU continuation did not train");
+}
+
+/// Bits of everything an update leaves: parameters, Adam's moments and step, the loss scale.
+fn state_bits(engine: &dyn StepEngine) -> (Vec<u32>, Vec<u32>, Vec<u32>, u64, LossScale) {
+    let state = engine.state().unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    (bits(state.params.flat()), bits(&state.m), bits(&state.v), state.adam_step, state.loss_scale)
+}
+
+/// An update's outcome as bits, to compare engines exactly.
+fn outcome_bits(o: &learn_kern::train::engine::StepOutcome) -> (u64, u64, usize, bool) {
+    (o.loss.to_bits(), o.grad_norm.to_bits(), o.pairs, o.skipped)
+}
+
+/// A GPU trainer launching as `launch`.
+fn trainer<'a>(
+    s: &StepSettings,
+    store: &'a ContentStore,
+    state: OptimState,
+    users: usize,
+    launch: Launch,
+) -> GpuTrainer<'a> {
+    let mut gpu = GpuTrainer::new(0, s.clone(), store, state, users).unwrap();
+    gpu.set_launch(launch);
+    gpu
+}
+
+#[test]
+fn graphs_replay_the_eager_step_bit_for_bit_across_buckets() {
+    let Some(_gpu) = gpu() else { return };
+    let mut rng = rng("cuda_train_step graphs");
+    let dir = tempfile::tempdir().unwrap();
+    let store = write_store(&dir.path().join("store"), &mut rng);
+    let users = users(&mut rng, 120);
+    let start = params(&mut rng);
+    let s = StepSettings { clip_grad_norm: Some(0.5), ..settings(ItemTower::Causal, true) };
+    // Batches of 16 and 7 users, alternately: their rows fall into different buckets, and each bucket comes
+    // back, in either staging buffer.
+    let mut at = 0;
+    let batches: Vec<Vec<&UserSequence>> = [16, 16, 7, 16, 7, 7, 16]
+        .iter()
+        .map(|&n| {
+            at += n;
+            users[at - n..at].iter().collect()
+        })
+        .collect();
+    let bucket = |b: &[&UserSequence]| {
+        let rows = |len: fn(&UserSequence, usize) -> usize, max| padded_rows(b.iter().map(|u| len(u, max)).sum());
+        (b.len(), rows(|u, h| u.recent_history(h).len(), s.history), rows(|u, t| u.first_targets(t).len(), s.targets))
+    };
+    let buckets: std::collections::HashSet<_> = batches.iter().map(|b| bucket(b)).collect();
+    assert!(buckets.len() >= 2 && buckets.len() < batches.len(), "the batches make {} buckets", buckets.len());
+    let schedule = Schedule::new(2e-3, batches.len(), 0.3).unwrap();
+    let run = |launch: Launch| {
+        let mut gpu = trainer(&s, &store, OptimState::fresh(start.clone()), 16, launch);
+        let outcomes: Vec<_> = (0..batches.len())
+            .map(|i| {
+                let next = batches.get(i + 1).map(|b| b.as_slice());
+                outcome_bits(&gpu.step(&batches[i], next, schedule.lr_at(i)).unwrap())
+            })
+            .collect();
+        (outcomes, state_bits(&gpu), gpu.graphs_captured())
+    };
+    let (eager, bucketed, graphs) = (run(Launch::Eager), run(Launch::Bucketed), run(Launch::Graphs));
+    assert_eq!((eager.2, bucketed.2, graphs.2), (0, 0, buckets.len()), "graphs captured, one per bucket");
+    assert!(eager.0.iter().all(|o| !o.3), "an update overflowed");
+    // A replay is the launches it captured (any GPU); padding changes nothing (where cuBLAS picks the same
+    // algorithm for the padded shapes, as a GEMM summing in order does).
+    assert!(
+        graphs.0 == bucketed.0 && graphs.1 == bucketed.1,
+        "graph replays differ from the same launches made eagerly"
+    );
+    assert!(
+        bucketed.0 == eager.0,
+        "padding to the buckets changed a loss or a norm: {:?} vs {:?}",
+        bucketed.0,
+        eager.0
+    );
+    assert!(bucketed.1 == eager.1, "padding to the buckets changed the parameters or Adam's moments");
+}
+
+#[test]
+fn an_overflow_inside_a_replayed_graph_is_skipped() {
+    let Some(_gpu) = gpu() else { return };
+    let mut rng = rng("cuda_train_step graph overflow");
+    let dir = tempfile::tempdir().unwrap();
+    let store = write_store(&dir.path().join("store"), &mut rng);
+    let users = users(&mut rng, 12);
+    let batch: Vec<&UserSequence> = users.iter().collect();
+    let start = params(&mut rng);
+    let s = settings(ItemTower::Causal, false);
+    // 2^40 overflows fp16, and so do the halvings after it for a while: every one of them a replay.
+    let state = || OptimState {
+        loss_scale: LossScale { scale: 2f64.powi(40), clean_steps: 5 },
+        ..OptimState::fresh(start.clone())
+    };
+    let mut graphs = trainer(&s, &store, state(), 12, Launch::Graphs);
+    let mut eager = trainer(&s, &store, state(), 12, Launch::Eager);
+    let (mut skipped, mut applied) = (0, 0);
+    for i in 0..40 {
+        let got = graphs.step(&batch, Some(&batch), 1e-3).unwrap();
+        assert_eq!(outcome_bits(&got), outcome_bits(&eager.step(&batch, Some(&batch), 1e-3).unwrap()), "update {i}");
+        if got.skipped {
+            skipped += 1;
+            if i == 1 {
+                let after = graphs.state().unwrap();
+                assert_eq!(after.params.flat(), start.flat(), "a replay that overflowed changed the parameters");
+                assert!(
+                    after.m.iter().chain(&after.v).all(|&x| x == 0.0),
+                    "a replay that overflowed changed the moments"
+                );
+                assert_eq!((after.adam_step, after.loss_scale.scale), (0, 2f64.powi(38)));
+            }
+        } else {
+            applied += 1;
+            if applied == 2 {
+                break;
+            }
+        }
+    }
+    assert!(skipped >= 2 && applied == 2, "{skipped} updates skipped, {applied} applied");
+    assert_eq!(graphs.graphs_captured(), 1, "one batch, one bucket, one graph replayed");
+    assert!(state_bits(&graphs) == state_bits(&eager), "the replays' state differs from the eager step's");
+    assert_eq!(graphs.state().unwrap().adam_step, 2);
+}
+
+#[test]
+fn a_bucket_padded_with_a_dummy_sequence_gives_the_unpadded_result_exactly() {
+    let Some(_gpu) = gpu() else { return };
+    let mut rng = rng("cuda_train_step padding");
+    let dir = tempfile::tempdir().unwrap();
+    let store = write_store(&dir.path().join("store"), &mut rng);
+    let users = users(&mut rng, 13);
+    let batch: Vec<&UserSequence> = users.iter().collect();
+    let start = params(&mut rng);
+    let history_rows: usize = users.iter().map(|u| u.recent_history(24).len()).sum();
+    let target_rows: usize = users.iter().map(|u| u.first_targets(8).len()).sum();
+    assert!(!history_rows.is_multiple_of(64) && !target_rows.is_multiple_of(64), "both towers need a dummy sequence");
+    for (tower, log_q, positions) in
+        [(ItemTower::Causal, false, LossPositions::All), (ItemTower::SelfOnly, true, LossPositions::Last)]
+    {
+        let what = format!("{tower:?} item tower, log q {log_q}, {positions:?} positions");
+        let s = StepSettings { positions, ..settings(tower, log_q) };
+        let mut padded = trainer(&s, &store, OptimState::fresh(start.clone()), 13, Launch::Bucketed);
+        let mut exact = trainer(&s, &store, OptimState::fresh(start.clone()), 13, Launch::Eager);
+        let (got, want) = (padded.step(&batch, None, 1e-3).unwrap(), exact.step(&batch, None, 1e-3).unwrap());
+        assert_eq!(outcome_bits(&got), outcome_bits(&want), "{what}: loss, norm or pairs");
+        let bits = |p: PchParams<f32>| p.flat().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (g, w) = (bits(padded.gradients().unwrap()), bits(exact.gradients().unwrap()));
+        if let Some(i) = (0..g.len()).find(|&i| g[i] != w[i]) {
+            panic!("{what}: gradient {i} is {} padded, {} not", f32::from_bits(g[i]), f32::from_bits(w[i]));
+        }
+        assert!(state_bits(&padded) == state_bits(&exact), "{what}: the update differs");
+    }
 }

@@ -61,6 +61,10 @@ pub struct TrainBench {
     /// Seed of the weights, the content and the users.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// on replays each update from the CUDA graph of its shape bucket; off launches every kernel from the
+    /// host (and times the phases of the update).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub cuda_graphs: String,
 }
 
 impl TrainBench {
@@ -89,6 +93,7 @@ impl TrainBench {
             warmup: self.warmup,
             steps: self.steps,
             seed: self.seed,
+            cuda_graphs: self.cuda_graphs == "on",
         })
     }
 }
@@ -284,12 +289,23 @@ fn embed_summary(r: &Value) -> String {
 /// The human-readable lines of a `bench train` report.
 fn train_summary(r: &Value) -> String {
     let gib = |bytes: &Value| bytes.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+    let phases = match r["cuda_graphs"].as_bool() {
+        Some(true) => format!("CUDA graphs ({} captured): the phases are not timed", r["cuda_graphs_captured"]),
+        _ => format!(
+            "device time: towers forward {:.2} ms, InfoNCE {:.2} ms ({:.1}% of the update), towers backward {:.2} \
+             ms, optimiser {:.2} ms",
+            num(&r["phases_ms"], "towers_forward"),
+            num(&r["phases_ms"], "infonce"),
+            100.0 * num(r, "infonce_fraction"),
+            num(&r["phases_ms"], "towers_backward"),
+            num(&r["phases_ms"], "optimizer"),
+        ),
+    };
     format!(
         "{} on {}: {} users × ({} + {}) items, median of {} updates\n  {:.2} ms/update ({:.2}–{:.2}), {:.1} \
          updates/s, {:.0} users/s, {:.0} tokens/s\n  {:.1} TFLOP/s = {:.0}% MFU of cuBLAS's fp16 GEMM rate ({:.1} \
          TFLOP/s)\n  memory: parameters and optimiser {:.2} GiB, activations {:.2} GiB, staging {:.2} GiB, device \
-         in use {:.2} of {:.2} GiB; {} updates skipped for overflow\n  device time: towers forward {:.2} ms, \
-         InfoNCE {:.2} ms ({:.1}% of the update), towers backward {:.2} ms, optimiser {:.2} ms",
+         in use {:.2} of {:.2} GiB; {} updates skipped for overflow\n  {phases}",
         r["preset"].as_str().unwrap_or("?"),
         r["device"]["name"].as_str().unwrap_or("?"),
         r["batch_users"],
@@ -311,11 +327,6 @@ fn train_summary(r: &Value) -> String {
         gib(&r["memory"]["device_used_bytes"]),
         gib(&r["memory"]["device_total_bytes"]),
         r["skipped_steps"],
-        num(&r["phases_ms"], "towers_forward"),
-        num(&r["phases_ms"], "infonce"),
-        100.0 * num(r, "infonce_fraction"),
-        num(&r["phases_ms"], "towers_backward"),
-        num(&r["phases_ms"], "optimizer"),
     )
 }
 

@@ -127,6 +127,10 @@ pub struct TrainArgs {
     /// Start again in --out, discarding a run already there.
     #[arg(long)]
     pub overwrite: bool,
+    /// With --device cuda: on replays each update from a CUDA graph of its batch's shape bucket (captured on
+    /// the bucket's first update; the padding changes no result), off launches every kernel from the host.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub cuda_graphs: String,
 }
 
 fn absolute(path: &Path) -> String {
@@ -187,7 +191,9 @@ pub fn run(args: &TrainArgs, common: &Common) -> Result<()> {
         crate::cuda::trainer::check_trainable(&settings.model, settings.targets)
     })? {
         Device::Cpu => TrainDevice::Cpu,
-        Device::Cuda(list) if list.len() == 1 => TrainDevice::Cuda(list[0]),
+        Device::Cuda(list) if list.len() == 1 => {
+            TrainDevice::Cuda { ordinal: list[0], graphs: args.cuda_graphs == "on" }
+        }
         Device::Cuda(_) => return Err(input(format!("--device {}: `train` runs on one GPU", common.device))),
     };
     let report = run::train(&settings, &data, &out, device, common.quiet)?;

@@ -6,7 +6,7 @@
 //! catalogue), and the FLOP count is its formula, so the two reports compare line by line.
 
 use super::bench::{device_json, gemm_tflops};
-use super::trainer::{ContentRows, GpuTrainer};
+use super::trainer::{ContentRows, GpuTrainer, Launch};
 use crate::cpu::infonce::LossPositions;
 use crate::data::sequences::UserSequence;
 use crate::pch::config::ItemTower;
@@ -35,6 +35,8 @@ pub struct TrainBenchSpec {
     pub warmup: usize,
     pub steps: usize,
     pub seed: u64,
+    /// Replay the step from CUDA graphs (the phases are then not timed) or launch every kernel.
+    pub cuda_graphs: bool,
 }
 
 /// Random unit content rows, fp16, in host memory.
@@ -148,6 +150,7 @@ pub fn bench_train(ordinal: usize, spec: &TrainBenchSpec, quiet: bool) -> Result
         eprintln!("{}: measuring cuBLAS's fp16 GEMM rate…", trainer.gpu().describe());
     }
     let gemm_peak = gemm_tflops(trainer.gpu(), 8192, 8192, 8192)?;
+    trainer.set_launch(if spec.cuda_graphs { Launch::Graphs } else { Launch::Eager });
     trainer.time_phases()?;
 
     let batch = |i: usize| users[i * b..(i + 1) * b].iter().collect::<Vec<_>>();
@@ -177,11 +180,12 @@ pub fn bench_train(ordinal: usize, spec: &TrainBenchSpec, quiet: bool) -> Result
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = percentile(&sorted, 0.5);
-    let phase_ms: Vec<f64> = phases
+    // None with CUDA graphs: no event falls between a replay's launches.
+    let phase_ms: Vec<Option<f64>> = phases
         .iter_mut()
         .map(|all| {
             all.sort_by(f64::total_cmp);
-            percentile(all, 0.5)
+            (!all.is_empty()).then(|| percentile(all, 0.5))
         })
         .collect();
     let flops = model_flops(c, b, h, t, c.item_tower);
@@ -209,14 +213,17 @@ pub fn bench_train(ordinal: usize, spec: &TrainBenchSpec, quiet: bool) -> Result
         "gemm_peak_tflops": gemm_peak,
         "mfu": tflops / gemm_peak,
         "peak_memory_bytes": total - free,
-        // Device time of each phase (median over the timed updates), and the loss's share of the update.
+        "cuda_graphs": spec.cuda_graphs,
+        "cuda_graphs_captured": trainer.graphs_captured(),
+        // Device time of each phase (median over the timed updates), and the loss's share of the update;
+        // null with CUDA graphs.
         "phases_ms": {
             "towers_forward": phase_ms[0],
             "infonce": phase_ms[1],
             "towers_backward": phase_ms[2],
             "optimizer": phase_ms[3],
         },
-        "infonce_fraction": phase_ms[1] / (1e3 * median),
+        "infonce_fraction": phase_ms[1].map(|ms| ms / (1e3 * median)),
         "memory": {
             "parameters_and_optimizer_bytes": memory.parameters,
             "activation_bytes": memory.activations,

@@ -101,6 +101,7 @@ impl Gpu {
             ctx,
         };
         gpu.configure_attention()?;
+        gpu.configure_infonce()?;
         Ok(gpu)
     }
 

@@ -5,6 +5,11 @@
 //! bitmask over the columns that are its false negatives (other users' targets whose item id is among its
 //! own): `ceil(columns / 32)` words per user, 5 MB at B = 1024, T = 40, and nothing when false negatives are
 //! kept. Building it costs the host one sort of the column ids and one pass over the banned pairs.
+//!
+//! A layout may be padded ([`InfoNceLayout::pad`]) to the query, column and row counts of a training step's
+//! shape bucket: the padding entries change no result, and the launches then repeat from one batch of the
+//! bucket to the next, as a CUDA graph replays them. The loss's two weights (1/P and S/P) are read from
+//! device memory for the same reason.
 
 use super::gpu::{Arg, Gpu};
 use super::memory::{Dev, Layout};
@@ -40,7 +45,8 @@ pub struct InfoNceLayout {
     pub words: usize,
     /// Valid (i, j, k) triples: the loss is their mean.
     pub pairs: usize,
-    /// Rows of the users and items arrays the layout indexes (B·H and B·T when padded).
+    /// Rows of the users and items arrays the layout indexes (B·H and B·T when padded): the gradients are
+    /// written over all of them, zero where no query or column is.
     pub user_rows: usize,
     pub item_rows: usize,
 }
@@ -137,6 +143,36 @@ impl InfoNceLayout {
         self.q_start.len() - 1
     }
 
+    /// Pads the layout to `queries` queries and `columns` columns, numbered past the real ones with row and
+    /// user −1 (the kernels skip them as they skip what lies past the last), over arrays of `user_rows` and
+    /// `item_rows` rows (whose extra rows get zero gradients). Nothing it computes changes.
+    pub fn pad(&mut self, queries: usize, columns: usize, user_rows: usize, item_rows: usize) -> Result<()> {
+        let (nq, nc) = (self.q_row.len(), self.c_row.len());
+        ensure!(
+            queries >= nq && columns >= nc && user_rows >= self.user_rows && item_rows >= self.item_rows,
+            "infonce: padding {nq} queries, {nc} columns, {} × {} rows to fewer ({queries}, {columns}, {user_rows} ×              {item_rows})",
+            self.user_rows,
+            self.item_rows
+        );
+        int(queries.max(columns).max(user_rows).max(item_rows), "infonce padded rows")?;
+        for array in [&mut self.q_row, &mut self.q_user] {
+            array.resize(queries, -1);
+        }
+        for array in [&mut self.c_row, &mut self.c_user] {
+            array.resize(columns, -1);
+        }
+        let words = columns.div_ceil(32);
+        if !self.ban.is_empty() {
+            let mut ban = vec![0; self.users() * words];
+            for (new, old) in ban.chunks_exact_mut(words).zip(self.ban.chunks_exact(self.words)) {
+                new[..self.words].copy_from_slice(old);
+            }
+            self.ban = ban;
+        }
+        (self.words, self.user_rows, self.item_rows) = (words, user_rows, item_rows);
+        Ok(())
+    }
+
     /// Byte offsets of the arrays in the device copy, and its size.
     fn plan(&self) -> ([usize; 7], usize) {
         let mut plan = Layout::default();
@@ -156,6 +192,51 @@ impl InfoNceLayout {
     pub fn device_bytes(&self) -> usize {
         self.plan().1
     }
+
+    /// The device copy's bytes, written into the start of `out` (at least [`Self::device_bytes`] long):
+    /// what a staging buffer holds for [`Self::on_device`].
+    pub fn write(&self, out: &mut [u8]) -> Result<()> {
+        let (offsets, bytes) = self.plan();
+        ensure!(out.len() >= bytes, "infonce layout: {bytes} bytes into {}", out.len());
+        let arrays = [&self.q_row, &self.q_user, &self.c_row, &self.c_user, &self.q_start, &self.c_start];
+        for (array, &at) in arrays.iter().zip(&offsets) {
+            let src: &[u8] = bytemuck::cast_slice(array);
+            out[at..at + src.len()].copy_from_slice(src);
+        }
+        let ban: &[u8] = bytemuck::cast_slice(&self.ban);
+        out[offsets[6]..offsets[6] + ban.len()].copy_from_slice(ban);
+        Ok(())
+    }
+
+    /// The views of the layout's device copy in `region` (256-byte aligned, as [`Self::write`] laid it out),
+    /// which the caller keeps alive and filled.
+    pub fn on_device(&self, region: Dev<u8>) -> Result<InfoNceDev> {
+        let (offsets, bytes) = self.plan();
+        covers(&region, bytes, "infonce layout")?;
+        let view = |i: usize, len: usize| region.slice(offsets[i], len * 4).cast::<i32>();
+        Ok(InfoNceDev {
+            q_row: view(0, self.q_row.len()),
+            q_user: view(1, self.q_user.len()),
+            c_row: view(2, self.c_row.len()),
+            c_user: view(3, self.c_user.len()),
+            q_start: view(4, self.q_start.len()),
+            c_start: view(5, self.c_start.len()),
+            ban: (!self.ban.is_empty()).then(|| view(6, self.ban.len()).cast::<u32>()),
+            users: self.users(),
+            words: self.words,
+            user_rows: self.user_rows,
+            item_rows: self.item_rows,
+        })
+    }
+}
+
+/// The weights the loss's pairs carry, {1/P, S/P} for P pairs and gradients scaled by S (the loss scale
+/// of mixed-precision training; 1 for the gradients themselves, exact for powers of two), as
+/// [`Gpu::infonce`] reads them from device memory.
+pub fn infonce_weights(pairs: usize, grad_scale: f64) -> Result<[f32; 2]> {
+    ensure!(pairs > 0, "infonce: a batch without pairs");
+    ensure!(grad_scale > 0.0 && grad_scale.is_finite(), "infonce: gradient scale {grad_scale}");
+    Ok([(1.0 / pairs as f64) as f32, (grad_scale / pairs as f64) as f32])
 }
 
 /// A layout on the device: views into memory the caller keeps alive.
@@ -170,7 +251,6 @@ pub struct InfoNceDev {
     ban: Option<Dev<u32>>,
     users: usize,
     words: usize,
-    pairs: usize,
     user_rows: usize,
     item_rows: usize,
 }
@@ -182,10 +262,6 @@ impl InfoNceDev {
 
     pub fn columns(&self) -> usize {
         self.c_row.len()
-    }
-
-    pub fn pairs(&self) -> usize {
-        self.pairs
     }
 }
 
@@ -204,37 +280,31 @@ fn shared_bytes(d: usize, gradient: bool) -> usize {
 }
 
 impl Gpu {
-    /// Copies `layout` into `region` (at least [`InfoNceLayout::device_bytes`] bytes), ordered on the
-    /// compute stream, and returns the views the launcher takes.
+    /// Copies `layout` into `region` (at least [`InfoNceLayout::device_bytes`] bytes, 256-byte aligned),
+    /// ordered on the compute stream, and returns the views the launcher takes.
     pub fn upload_infonce_layout(&self, layout: &InfoNceLayout, region: Dev<u8>) -> Result<InfoNceDev> {
-        let (offsets, bytes) = layout.plan();
-        covers(&region, bytes, "infonce layout")?;
-        let view = |at: usize, len: usize| region.slice(at, len * 4);
-        let arrays = [&layout.q_row, &layout.q_user, &layout.c_row, &layout.c_user, &layout.q_start, &layout.c_start];
-        let mut views = Vec::with_capacity(arrays.len());
-        for (array, &at) in arrays.iter().zip(&offsets) {
-            let dst = view(at, array.len()).cast::<i32>();
-            self.upload(dst, array)?;
-            views.push(dst);
+        let mut bytes = vec![0u8; layout.device_bytes()];
+        layout.write(&mut bytes)?;
+        let views = layout.on_device(region)?;
+        self.upload(region, &bytes)?;
+        Ok(views)
+    }
+
+    /// Raises the gradient passes' dynamic shared-memory limit where they need more than the default 48 KB
+    /// and this GPU has it (otherwise [`Self::infonce`] refuses that width), once, when the GPU opens: not
+    /// while a training step is being captured into a graph.
+    pub(crate) fn configure_infonce(&self) -> Result<()> {
+        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
+        let shared = |d: usize| shared_bytes(d, true);
+        for d in INFONCE_WIDTHS.into_iter().filter(|&d| shared(d) > 48 * 1024 && shared(d) <= self.max_shared_per_block)
+        {
+            let Some([_, dq, dc]) = kernel_names(d) else { continue };
+            self.ctx.bind_to_thread()?;
+            for name in [dq, dc] {
+                self.kernels.get(name)?.set_attribute(MAX_SHARED, shared(d) as i32)?;
+            }
         }
-        let ban = (!layout.ban.is_empty()).then(|| view(offsets[6], layout.ban.len()).cast::<u32>());
-        if let Some(ban) = ban {
-            self.upload(ban, &layout.ban)?;
-        }
-        Ok(InfoNceDev {
-            q_row: views[0],
-            q_user: views[1],
-            c_row: views[2],
-            c_user: views[3],
-            q_start: views[4],
-            c_start: views[5],
-            ban,
-            users: layout.users(),
-            words: layout.words,
-            pairs: layout.pairs,
-            user_rows: layout.user_rows,
-            item_rows: layout.item_rows,
-        })
+        Ok(())
     }
 
     /// Floats of scratch [`Self::infonce`] needs: g per query and a partial loss per user.
@@ -244,9 +314,9 @@ impl Gpu {
 
     /// The InfoNCE loss of the batch into `loss[0]`, N_q of every query into `lse`, and the gradients
     /// with respect to `users` (`[B, H, d]` fp32) and `items` (`[B, T, d]`) written (not accumulated) to
-    /// `d_users` and `d_items`, zero at padded and unused rows, as `cpu::infonce::infonce` does, times
-    /// `grad_scale` (the loss scale of mixed-precision training; 1 for the gradients themselves, exact for
-    /// powers of two). `log_q` (one value per items row) shifts every score when given.
+    /// `d_users` and `d_items`, zero at padded and unused rows, as `cpu::infonce::infonce` does, times the
+    /// loss scale S that `weights` carries ([`infonce_weights`] on the device). `log_q` (one value per items
+    /// row) shifts every score when given.
     #[allow(clippy::too_many_arguments)]
     pub fn infonce(
         &self,
@@ -256,7 +326,7 @@ impl Gpu {
         log_q: Option<Dev<f32>>,
         d: usize,
         tau: f32,
-        grad_scale: f32,
+        weights: Dev<f32>,
         loss: Dev<f32>,
         lse: Dev<f32>,
         d_users: Dev<f32>,
@@ -267,7 +337,7 @@ impl Gpu {
             bail!("infonce: embedding width {d} has no GPU kernel (they take {INFONCE_WIDTHS:?})");
         };
         ensure!(tau > 0.0 && tau.is_finite(), "infonce: tau must be positive, got {tau}");
-        ensure!(grad_scale > 0.0 && grad_scale.is_finite(), "infonce: gradient scale {grad_scale}");
+        covers(&weights, 2, "infonce weights")?;
         let (b, nq, nc) = (batch.users, batch.queries(), batch.columns());
         let (nu, ni) = (batch.user_rows, batch.item_rows);
         covers(&users, nu * d, "infonce users")?;
@@ -287,7 +357,8 @@ impl Gpu {
         if b == 0 {
             return Ok(());
         }
-        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
+        // Above the default 48 KB at d = 64: the opt-in configure_infonce made, which every GPU from the V100
+        // on grants.
         let shared = shared_bytes(d, true);
         if shared > self.max_shared_per_block {
             bail!(
@@ -295,11 +366,6 @@ impl Gpu {
                 self.ordinal,
                 self.max_shared_per_block
             );
-        }
-        self.ctx.bind_to_thread()?;
-        for name in [dq_kernel, dc_kernel] {
-            // Above the default 48 KB at d = 64: the opt-in, which every GPU from the V100 on grants.
-            self.kernels.get(name)?.set_attribute(MAX_SHARED, shared as i32)?;
         }
         let inv_tau = 1.0 / tau;
         let ptr = |x: Option<u64>| Arg::Ptr(x.unwrap_or(0));
@@ -321,8 +387,8 @@ impl Gpu {
         let mut args = vec![Arg::Ptr(lse.ptr())];
         args.extend(layout_args);
         args.extend([nq_arg, nc_arg, words_arg, Arg::F32(inv_tau)]);
-        // SAFETY (all four passes): the layout was built from this batch's lengths (rows below B·H and B·T,
-        // users below B, `words` words of bitmask per user) and every buffer covers what it indexes
+        // SAFETY (all four passes): the layout was built from this batch's lengths (rows below B·H and B·T or
+        // −1, users below B or −1, `words` words of bitmask per user) and every buffer covers what it indexes
         // (checked above); the dynamic shared memory is what the kernels' tiles take.
         unsafe { self.launch(lse_kernel, (row_tiles, 1), THREADS, shared_bytes(d, false) as u32, &args)? };
         let args = [
@@ -338,10 +404,9 @@ impl Gpu {
             Arg::Ptr(batch.q_start.ptr()),
             Arg::Ptr(batch.c_start.ptr()),
             Arg::Ptr(lse.ptr()),
+            Arg::Ptr(weights.ptr()),
             Arg::I32(d as i32),
             Arg::F32(inv_tau),
-            Arg::F32((1.0 / batch.pairs as f64) as f32),
-            Arg::F32((grad_scale as f64 / batch.pairs as f64) as f32),
         ];
         unsafe { self.launch("infonce_pos", (u32::try_from(b)?, 1), THREADS, 0, &args)? };
         for (name, out, tiles) in [(dq_kernel, d_users, row_tiles), (dc_kernel, d_items, col_tiles)] {
@@ -382,6 +447,44 @@ mod tests {
 
         assert!(InfoNceLayout::new(&[0], &[1], &[1, 2], 1, 2, LossPositions::All, false, Rows::Padded).is_err());
         assert!(InfoNceLayout::new(&[1], &[3], &[1, 2], 1, 2, LossPositions::All, false, Rows::Padded).is_err());
+    }
+
+    #[test]
+    fn a_padded_layout_keeps_every_entry_and_marks_the_rest() {
+        let (hist, tgt) = ([2usize, 3, 1], [3usize, 1, 2]);
+        let ids = [7u32, 8, 9, 9, 0, 0, 7, 7, 0];
+        let lay = InfoNceLayout::new(&hist, &tgt, &ids, 3, 3, LossPositions::All, false, Rows::Packed).unwrap();
+        let mut padded = lay.clone();
+        padded.pad(64, 128, 70, 64).unwrap();
+        assert_eq!(padded.q_row[..6], lay.q_row[..]);
+        assert!(padded.q_row[6..].iter().chain(&padded.q_user[6..]).all(|&x| x == -1) && padded.q_row.len() == 64);
+        assert_eq!((padded.c_user[..6].to_vec(), padded.c_row[6..].to_vec()), (lay.c_user.clone(), vec![-1; 122]));
+        assert_eq!(
+            (padded.q_start.clone(), padded.c_start.clone(), padded.pairs),
+            (lay.q_start.clone(), lay.c_start.clone(), 11)
+        );
+        // Four words per user now, the old word first.
+        assert_eq!(padded.words, 4);
+        assert_eq!(padded.ban, [0b111000, 0, 0, 0, 0b000100, 0, 0, 0, 0b000001, 0, 0, 0]);
+        assert_eq!((padded.user_rows, padded.item_rows), (70, 64));
+        // The device copy holds each array at its planned offset.
+        let mut bytes = vec![0xffu8; padded.device_bytes()];
+        padded.write(&mut bytes).unwrap();
+        let (offsets, _) = padded.plan();
+        let words = |at: usize, n: usize| -> Vec<i32> {
+            bytes[at..at + 4 * n].chunks_exact(4).map(bytemuck::pod_read_unaligned).collect()
+        };
+        assert_eq!(words(offsets[3], 128), padded.c_user);
+        assert_eq!(words(offsets[6], 12).iter().map(|&w| w as u32).collect::<Vec<_>>(), padded.ban);
+        assert!(padded.write(&mut [0; 16]).is_err());
+        assert!(lay.clone().pad(5, 128, 70, 64).is_err(), "fewer queries than the batch has");
+        assert!(lay.clone().pad(64, 128, 5, 64).is_err(), "fewer user rows than the batch has");
+    }
+
+    #[test]
+    fn the_loss_weights_are_the_pair_mean_and_the_scaled_one() {
+        assert_eq!(infonce_weights(3, 1024.0).unwrap(), [(1.0f64 / 3.0) as f32, (1024.0f64 / 3.0) as f32]);
+        assert!(infonce_weights(0, 1.0).is_err() && infonce_weights(3, f64::INFINITY).is_err());
     }
 
     #[test]

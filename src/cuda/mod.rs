@@ -5,6 +5,7 @@
 //! time, after [`crate::device::probe_cuda`] has made sure a driver and a device are there.
 
 pub mod attention_train;
+pub mod bucket;
 pub mod cublas;
 pub mod gpu;
 pub mod infonce;

@@ -7,7 +7,10 @@
 //! ([`Gpu::partials_len`] floats), and `column_sums` adds them in block order into the gradient, which it
 //! accumulates (`+=`), as the CPU reference's backward functions do. A step therefore repeats bit for bit on
 //! one GPU; the blocks depend on the GPU's multiprocessor count, so another GPU model may round differently.
+//! They depend on the row count only through its shape bucket ([`padded_rows`]), so that rows a bucket
+//! appends (with zero gradients) only add zeros at the end of the last blocks.
 
+use super::bucket::padded_rows;
 use super::gpu::{Arg, Gpu};
 use super::memory::Dev;
 use super::ops::{covers, int, row_threads};
@@ -48,21 +51,46 @@ impl AdamStats {
 }
 
 /// One optimiser update: the learning rate from the schedule, the update's number t ≥ 1 (the bias
-/// corrections use it; a skipped step does not count), the loss scale the gradients carry, and the
-/// `--clip-grad-norm` limit.
+/// corrections use it; a skipped step does not count) and the loss scale the gradients carry.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamStep {
     pub lr: f64,
     pub t: u64,
     pub loss_scale: f64,
-    pub max_norm: Option<f64>,
+}
+
+impl AdamStep {
+    /// Floats of the scalars [`Self::scalars`] forms.
+    pub const SCALARS: usize = 4;
+
+    /// The scalars `adam_update` and `grad_norm_finish` read from device memory (STEP_* in adam.cu): the
+    /// inverse loss scale, the decay 1 − lr·wd, −lr / (1 − β1^t) and √(1 − β2^t), formed as
+    /// src/train/optim.rs forms them: in f64, rounded once to f32. The scale must be a power of two within
+    /// fp32's range, so that its inverse is exact in fp32 (the norm multiplies by it in f64).
+    pub fn scalars(&self, config: &AdamConfig) -> Result<[f32; Self::SCALARS]> {
+        ensure!(self.t >= 1, "adam: update numbers start at 1");
+        let scale = self.loss_scale;
+        let power_of_two = scale.to_bits() & ((1u64 << 52) - 1) == 0;
+        ensure!(
+            power_of_two && (2f64.powi(-126)..=2f64.powi(126)).contains(&scale),
+            "adam: loss scale {scale} is not a power of two within fp32's range"
+        );
+        let t = self.t as f64;
+        Ok([
+            (1.0 / scale) as f32,
+            (1.0 - self.lr * config.weight_decay) as f32,
+            (-(self.lr / (1.0 - config.beta1.powf(t)))) as f32,
+            (1.0 - config.beta2.powf(t)).sqrt() as f32,
+        ])
+    }
 }
 
 impl Gpu {
     /// Rows each block of a two-pass reduction takes: at least 16 (the partials stay small next to the
-    /// rows), and few enough blocks (≤ 4 per multiprocessor) that the second pass is short.
+    /// rows), and few enough blocks (≤ 4 per multiprocessor) that the second pass is short. The same for
+    /// every row count of a shape bucket: a padded batch sums its real rows in the same blocks.
     pub fn rows_per_block(&self, rows: usize) -> usize {
-        rows.div_ceil(4 * self.multiprocessors.max(1)).max(16)
+        padded_rows(rows).div_ceil(4 * self.multiprocessors.max(1)).max(16)
     }
 
     /// Floats of scratch a reduction over `rows` rows of `cols` columns needs for `arrays` sums at once.
@@ -343,10 +371,12 @@ impl Gpu {
         self.grid_for(n) as usize
     }
 
-    /// One Adam/AdamW update of `n = params.len()` parameters from `grads` (of the loss times
-    /// `step.loss_scale`): the global gradient norm, the overflow check and the clipping factor go to
-    /// `stats` ([`AdamStats::LEN`] floats, read with [`AdamStats::from_device`]); unless the step overflowed,
-    /// `params`, `m` and `v` are updated as src/train/optim.rs does and `p16 = fp16(params)`.
+    /// One Adam/AdamW update of `n = params.len()` parameters from `grads` (of the loss times the loss
+    /// scale): the global gradient norm, the overflow check and the clipping factor (`--clip-grad-norm`
+    /// `max_norm`) go to `stats` ([`AdamStats::LEN`] floats, read with [`AdamStats::from_device`]); unless the
+    /// step overflowed, `params`, `m` and `v` are updated as src/train/optim.rs does and `p16 =
+    /// fp16(params)`. `scalars` holds the update's [`AdamStep::scalars`] on the device, so that a captured
+    /// step replays with the next update's learning rate and loss scale.
     #[allow(clippy::too_many_arguments)]
     pub fn adam_step(
         &self,
@@ -357,8 +387,9 @@ impl Gpu {
         grads: Dev<f32>,
         stats: Dev<f32>,
         scratch: Dev<f64>,
+        scalars: Dev<f32>,
         config: &AdamConfig,
-        step: AdamStep,
+        max_norm: Option<f64>,
     ) -> Result<()> {
         let n = params.len();
         for (buf, what) in [(&m, "adam m"), (&v, "adam v"), (&grads, "gradients")] {
@@ -366,27 +397,24 @@ impl Gpu {
         }
         covers(&p16, n, "fp16 weights")?;
         covers(&stats, AdamStats::LEN, "adam stats")?;
+        covers(&scalars, AdamStep::SCALARS, "adam scalars")?;
         let blocks = self.grid_for(n);
         covers(&scratch, blocks as usize, "adam scratch")?;
-        ensure!(step.t >= 1, "adam: update numbers start at 1");
-        ensure!(step.loss_scale > 0.0 && step.loss_scale.is_finite(), "adam: loss scale {}", step.loss_scale);
         let args = [Arg::Ptr(scratch.ptr()), Arg::Ptr(grads.ptr()), Arg::I64(n as i64)];
         // SAFETY: grid-stride over the n gradients; one partial per block, covered (checked).
         unsafe { self.launch("grad_sumsq", (blocks, 1), NORM_THREADS, 0, &args)? };
-        let inv_scale = 1.0 / step.loss_scale;
         let args = [
             Arg::Ptr(stats.ptr()),
             Arg::Ptr(scratch.ptr()),
             Arg::I32(blocks as i32),
-            // The kernel's `double`: its bits in the 8-byte slot.
-            Arg::U64(inv_scale.to_bits()),
-            Arg::F32(step.max_norm.unwrap_or(0.0) as f32),
+            Arg::Ptr(scalars.ptr()),
+            Arg::F32(max_norm.unwrap_or(0.0) as f32),
         ];
-        // SAFETY: one block reads the `blocks` partials written above and writes the 3 stats (covered).
+        // SAFETY: one block reads the `blocks` partials written above and the scalars, and writes the 3 stats
+        // (all covered).
         unsafe { self.launch("grad_norm_finish", (1, 1), NORM_THREADS, 0, &args)? };
-        // The scalars as src/train/optim.rs forms them: in f64, rounded once to f32.
+        // The constant scalars as src/train/optim.rs forms them: in f64, rounded once to f32.
         let c = config;
-        let t = step.t as f64;
         let args = [
             Arg::Ptr(params.ptr()),
             Arg::Ptr(m.ptr()),
@@ -394,17 +422,15 @@ impl Gpu {
             Arg::Ptr(p16.ptr()),
             Arg::Ptr(grads.ptr()),
             Arg::Ptr(stats.ptr()),
+            Arg::Ptr(scalars.ptr()),
             Arg::I64(n as i64),
-            Arg::F32(inv_scale as f32),
-            Arg::F32((1.0 - step.lr * c.weight_decay) as f32),
             Arg::F32((1.0 - c.beta1) as f32),
             Arg::F32(c.beta2 as f32),
             Arg::F32((1.0 - c.beta2) as f32),
-            Arg::F32((-(step.lr / (1.0 - c.beta1.powf(t)))) as f32),
-            Arg::F32((1.0 - c.beta2.powf(t)).sqrt() as f32),
             Arg::F32(c.eps as f32),
         ];
-        // SAFETY: grid-stride over n elements of params, m, v, p16 and grads (covered), reading 3 stats.
+        // SAFETY: grid-stride over n elements of params, m, v, p16 and grads (covered), reading 3 stats and
+        // the 4 scalars (covered).
         unsafe { self.launch("adam_update", (self.grid_for(n), 1), 256, 0, &args) }
     }
 }
@@ -420,4 +446,25 @@ fn check_layernorm_dim(dim: usize) -> Result<()> {
 fn check_l2norm_dim(dim: usize) -> Result<()> {
     ensure!((1..=L2NORM_MAX_DIM).contains(&dim), "l2norm: width {dim} must be 1 ..= {L2NORM_MAX_DIM}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adam_scalars_are_the_cpu_optimizer_s_and_need_a_power_of_two_scale() {
+        let config = AdamConfig { weight_decay: 0.1, ..AdamConfig::default() };
+        let step = AdamStep { lr: 1e-3, t: 3, loss_scale: 65536.0 };
+        let [inv_scale, decay, neg_step, bc2_sqrt] = step.scalars(&config).unwrap();
+        assert_eq!(inv_scale, 1.0 / 65536.0);
+        assert_eq!(decay, (1.0 - 1e-3 * 0.1) as f32);
+        assert_eq!(neg_step, (-(1e-3 / (1.0 - 0.9f64.powf(3.0)))) as f32);
+        assert_eq!(bc2_sqrt, (1.0 - 0.999f64.powf(3.0)).sqrt() as f32);
+        for scale in [3.0, 0.0, -2.0, f64::INFINITY, f64::NAN, 2f64.powi(127)] {
+            assert!(AdamStep { loss_scale: scale, ..step }.scalars(&config).is_err(), "scale {scale}");
+        }
+        assert!(AdamStep { t: 0, ..step }.scalars(&config).is_err());
+        assert!(AdamStep { loss_scale: 0.5, ..step }.scalars(&config).is_ok());
+    }
 }

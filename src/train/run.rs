@@ -197,8 +197,11 @@ impl Order {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrainDevice {
     Cpu,
-    /// One GPU, by ordinal.
-    Cuda(usize),
+    /// One GPU, by ordinal, with the step replayed from CUDA graphs or launched kernel by kernel.
+    Cuda {
+        ordinal: usize,
+        graphs: bool,
+    },
 }
 
 /// Overflowing steps in a row after which a GPU run stops: the scale has fallen from 2^16 to 1 and the
@@ -252,7 +255,9 @@ pub fn train(
     };
     let mut engine: Box<dyn StepEngine + '_> = match device {
         TrainDevice::Cpu => Box::new(CpuEngine::new(step_settings, data.store, optim)?),
-        TrainDevice::Cuda(ordinal) => gpu_engine(ordinal, step_settings, data.store, optim, settings.batch_users)?,
+        TrainDevice::Cuda { ordinal, graphs } => {
+            gpu_engine(ordinal, graphs, step_settings, data.store, optim, settings.batch_users)?
+        }
     };
     let started = Instant::now();
     let first_step = state.step;
@@ -310,12 +315,16 @@ pub fn train(
 
 fn gpu_engine<'a>(
     ordinal: usize,
+    graphs: bool,
     settings: StepSettings,
     store: &'a ContentStore,
     optim: OptimState,
     max_users: usize,
 ) -> Result<Box<dyn StepEngine + 'a>> {
-    Ok(Box::new(crate::cuda::trainer::GpuTrainer::new(ordinal, settings, store, optim, max_users)?))
+    use crate::cuda::trainer::{GpuTrainer, Launch};
+    let mut trainer = GpuTrainer::new(ordinal, settings, store, optim, max_users)?;
+    trainer.set_launch(if graphs { Launch::Graphs } else { Launch::Eager });
+    Ok(Box::new(trainer))
 }
 
 fn progress_bar(quiet: bool, total: usize, done: usize) -> indicatif::ProgressBar {

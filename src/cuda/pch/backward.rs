@@ -20,11 +20,11 @@ impl GpuPch {
     pub fn backward(&self, gpu: &Gpu, acts: &Activations, d_out: Dev<f32>) -> Result<()> {
         let Some(pass) = acts.pass else { bail_input!("GPU PCH backward: no forward pass to differentiate") };
         let cfg = &self.config;
-        let (d, f, o, heads, rows) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads, pass.rows);
+        let (d, f, o, heads, rows) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads, pass.map.rows);
         if d_out.len() != rows * o {
             bail_input!("GPU PCH backward: d_out holds {} values, expected {rows} × {o}", d_out.len());
         }
-        let (map, attn) = acts.arena.batch(rows, pass.seqs, pass.len, heads, pass.tiles);
+        let (map, attn) = (pass.map, pass.attn);
         let a = &acts.arena;
         let blas = &gpu.blas;
 

@@ -22,14 +22,16 @@ mod layout;
 pub use layout::GpuContent;
 
 use super::Gpu;
+use super::attention_train::AttnBatch;
+use super::bucket::TowerShape;
 use super::memory::{Dev, DeviceBuffer, Layout};
-use super::ops::attention_tiles;
 use crate::bail_input;
 use crate::pch::params::{LayerTensors, Tensors, assemble};
 use crate::pch::{InputKind, MaskKind, NORMALIZE_EPS, PchBatchShape, PchConfig, PchParams, Positions};
 use anyhow::{Context, Result, ensure};
 use arena::Arena;
 use half::f16;
+use layout::RowMap;
 
 /// One tensor's place in the flat parameter layout.
 #[derive(Clone, Copy, Debug)]
@@ -45,13 +47,23 @@ type LayerSlots = LayerTensors<Slot>;
 #[derive(Clone, Copy, Debug)]
 struct Pass {
     /// The packed fp16 content the adaptor read: the arena's copy, or the caller's packed content, which
-    /// must then stay as it is until the backward.
+    /// must then stay as it is until the backward, as must the tables of `map` and `attn`.
     input: Dev<f16>,
-    rows: usize,
-    seqs: usize,
-    len: usize,
-    tiles: usize,
+    map: RowMap,
+    attn: AttnBatch,
     mask: MaskKind,
+}
+
+/// A packed batch whose tables are on the device already, where the trainer's staging put them with its
+/// content: `content` `[rows, d_content]` fp16, and the row map and attention tiles of `shape` as
+/// [`TowerShape::tables`] builds them, which the kernels trust (so only the crate makes one).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PackedBatch {
+    pub content: Dev<f16>,
+    pub valid: Dev<i32>,
+    pub cu_seqlens: Dev<i32>,
+    pub tiles: Dev<[i32; 2]>,
+    pub shape: TowerShape,
 }
 
 /// A PCH model on one GPU: parameters, their fp16 copy and gradients.
@@ -84,7 +96,7 @@ impl Activations {
 
     /// Valid positions of the last forward pass (0 before the first).
     pub fn rows(&self) -> usize {
-        self.pass.map_or(0, |p| p.rows)
+        self.pass.map_or(0, |p| p.map.rows)
     }
 }
 
@@ -200,16 +212,55 @@ impl GpuPch {
         acts.pass = None;
         ensure!(acts.d_model == self.config.d_model, "GPU PCH: activations of another model");
         let cfg = &self.config;
+        let pass = upload_batch(gpu, &acts.arena, cfg.d_content, cfg.n_heads, content, shape, mask)?;
+        if !matches!(content, GpuContent::PackedF16(_)) {
+            gpu.pack_rows(acts.arena.input, content, &pass.map, cfg.d_content)?;
+        }
+        self.run_forward(gpu, acts, pass)
+    }
+
+    /// [`Self::forward`] over a packed batch whose content and tables the caller put on the device (and
+    /// keeps there until the backward): the training step, whose tables arrive in its one staging copy.
+    pub(crate) fn forward_packed(
+        &self,
+        gpu: &Gpu,
+        acts: &mut Activations,
+        batch: &PackedBatch,
+        mask: MaskKind,
+    ) -> Result<Dev<f32>> {
+        acts.pass = None;
+        ensure!(acts.d_model == self.config.d_model, "GPU PCH: activations of another model");
+        let s = &batch.shape;
+        let (max_rows, max_seqs) = (acts.arena.max_rows, acts.arena.max_seqs);
+        if s.rows > max_rows || s.seqs > max_seqs {
+            bail_input!(
+                "GPU PCH: a batch of {} rows in {} sequences; the arena holds {max_rows} in {max_seqs}",
+                s.rows,
+                s.seqs
+            );
+        }
+        ensure!(batch.content.len() == s.rows * self.config.d_content, "GPU PCH: packed content of another shape");
+        let map = RowMap { valid: batch.valid, cu_seqlens: batch.cu_seqlens, rows: s.rows, seqs: s.seqs, len: s.len };
+        let attn = AttnBatch {
+            cu_seqlens: batch.cu_seqlens,
+            tiles: batch.tiles,
+            num_tiles: s.tiles,
+            seqs: s.seqs,
+            rows: s.rows,
+            heads: self.config.n_heads,
+        };
+        self.run_forward(gpu, acts, Pass { input: batch.content, map, attn, mask })
+    }
+
+    /// The forward pass proper, over tables and content already on the device.
+    fn run_forward(&self, gpu: &Gpu, acts: &mut Activations, pass: Pass) -> Result<Dev<f32>> {
+        let cfg = &self.config;
         let (d, f, o, heads) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads);
-        let pass = upload_batch(gpu, &acts.arena, cfg.d_content, content, shape, mask)?;
-        let (map, attn) = acts.arena.batch(pass.rows, pass.seqs, pass.len, heads, pass.tiles);
-        let (a, rows, eps) = (&acts.arena, pass.rows, cfg.ln_eps as f32);
+        let (map, attn, mask) = (pass.map, pass.attn, pass.mask);
+        let (a, rows, eps) = (&acts.arena, map.rows, cfg.ln_eps as f32);
 
         // Adaptor: x0 = fp16(bias + content · Wᵀ), the bias as a rank-1 product so that x0 is rounded once.
         let x0 = a.layers[0].x;
-        if !matches!(content, GpuContent::PackedF16(_)) {
-            gpu.pack_rows(a.input, content, &map, cfg.d_content)?;
-        }
         gpu.blas.a_b(x0, a.ones, self.p16(self.adaptor_b), rows, d, 1, false)?;
         gpu.blas.a_bt(x0, pass.input, self.p16(self.adaptor_w), rows, d, cfg.d_content, true)?;
 
@@ -241,11 +292,12 @@ impl GpuPch {
 }
 
 /// Checks a batch against the model's input width and the arena, and uploads its row map and attention
-/// tiles.
+/// tiles into the arena.
 fn upload_batch(
     gpu: &Gpu,
     arena: &Arena,
     dc: usize,
+    heads: usize,
     content: GpuContent,
     shape: &PchBatchShape,
     mask: MaskKind,
@@ -273,19 +325,14 @@ fn upload_batch(
         }
         _ => input,
     };
-    let valid: Vec<i32> = shape.valid_rows().map(|r| r as i32).collect();
-    let mut offsets = vec![0usize];
-    offsets.extend(shape.lengths.iter().scan(0, |at, &n| {
-        *at += n;
-        Some(*at)
-    }));
-    let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
-    let mut tiles = Vec::new();
-    attention_tiles(&offsets, &mut tiles);
-    gpu.upload(arena.valid, &valid)?;
-    gpu.upload(arena.cu_seqlens, &cu)?;
-    gpu.upload(arena.tiles, &tiles)?;
-    Ok(Pass { input, rows, seqs: b, len: l, tiles: tiles.len(), mask })
+    // Positions numbered in the caller's padded layout, which padded content is stored in.
+    let exact = TowerShape { len: l, ..TowerShape::exact(&shape.lengths) };
+    let tables = exact.tables(&shape.lengths)?;
+    gpu.upload(arena.valid, &tables.valid)?;
+    gpu.upload(arena.cu_seqlens, &tables.cu_seqlens)?;
+    gpu.upload(arena.tiles, &tables.tiles)?;
+    let (map, attn) = arena.batch(rows, b, l, heads, exact.tiles);
+    Ok(Pass { input, map, attn, mask })
 }
 
 /// What the GPU tower implements; the rest is refused with the reason.
