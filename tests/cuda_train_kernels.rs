@@ -39,6 +39,12 @@ fn scaled_f16_tol(want: &[f64], rel: f64) -> impl Fn(f64) -> f64 {
     move |w: f64| w.abs() * F16_HALF_ULP + rel * scale + F16_TINY
 }
 
+/// xhat = (v − mean)·rstd and y = xhat·w + b vanish by cancellation of terms of order 1, whose fp32 error
+/// (≈ 1e-7 each, from the mean and rstd) is then absolute: a floor under the relative bound.
+fn layernorm_tol(want: f64) -> f64 {
+    f16_tol(1e-5)(want) + 2e-6
+}
+
 #[test]
 fn layernorm_forward_and_backward_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
@@ -72,11 +78,8 @@ fn layernorm_forward_and_backward_match_the_cpu() {
             (vec![f32::NAN; rows * dim], vec![f32::NAN; rows * dim], vec![f32::NAN; rows]);
         cpu::layernorm::forward(&mut want_y, &mut want_xhat, &mut want_rstd, &sum, &w, &b, rows, dim, eps as f64);
         let what = format!("layernorm {rows}×{dim}");
-        // xhat = (v − mean)·rstd and y = xhat·w + b vanish by cancellation of terms of order 1, whose fp32
-        // error (≈ 1e-7 each, from the mean and rstd) is then absolute: a floor under the relative bound.
-        let tol = |w: f64| f16_tol(1e-5)(w) + 2e-6;
-        assert_close(&got_y, &f64s(&want_y), tol, &format!("{what} y"));
-        assert_close(&widen(&got_xhat), &f64s(&want_xhat), tol, &format!("{what} xhat"));
+        assert_close(&got_y, &f64s(&want_y), layernorm_tol, &format!("{what} y"));
+        assert_close(&widen(&got_xhat), &f64s(&want_xhat), layernorm_tol, &format!("{what} xhat"));
         assert_close(&got_rstd, &f64s(&want_rstd), |w| 1e-5 * w.abs(), &format!("{what} rstd"));
 
         // Backward from the kernel's own saved state (the reference is given the same fp16 xhat).
@@ -128,7 +131,7 @@ fn layernorm_without_residual_and_reductions_repeat_bit_for_bit() {
     let got = widen(&read(&gpu, &y_buf, y, "layernorm y"));
     let (mut want, mut want_xhat, mut want_rstd) = (vec![f32::NAN; rows * dim], vec![0.0; rows * dim], vec![0.0; rows]);
     cpu::layernorm::forward(&mut want, &mut want_xhat, &mut want_rstd, &widen(&x), &w, &b, rows, dim, 1e-5);
-    assert_close(&got, &f64s(&want), f16_tol(1e-5), "layernorm without residual");
+    assert_close(&got, &f64s(&want), layernorm_tol, "layernorm without residual");
 
     let dy = f16s(&uniform(&mut rng, rows * dim, 1.0));
     let (_dy, dy_dev) = upload(&gpu, &dy);
