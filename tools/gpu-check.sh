@@ -10,7 +10,8 @@
 # training-step tests against the CPU reference (tests), `bench kernels` and `bench embed` against the
 # Hugging Face peers for small and baichuan2-7b (8192-token batches: peak memory must stay ≤ 15 GB)
 # (bench), `bench train` against the PyTorch AMP peers, eager and torch.compile, at pch-base with B 30 and
-# 256, and alone at B 1024 for the InfoNCE kernel's share of the update (train), and ends with a summary. The
+# 256, and alone without CUDA graphs at B 1024 (the InfoNCE kernel's share of the update) and B 30 (what the
+# graphs gain) (train), and ends with a summary. The
 # device tool returns at most 8 files from $OUT, so the logs and JSON reports come back as one archive,
 # $OUT/gpu-check-<what>.tar.gz, next to $OUT/summary-<what>.txt. `tests`, `bench` and `train` split the
 # work over calls when one would pass the device tool's 10-minute limit.
@@ -114,8 +115,13 @@ PY
             tools/bench-vs-peers.sh train --preset pch-base --batch-users "$b" --history 80 --targets 40 \
                 --bin .gpu/learn-kern --out "$out" 2>"$out/train-$b.log" | tee -a "$summary" || status=1
         done
+        # Phase times need the eager step (a graph replay has none): B 1024 for the InfoNCE share, B 30 for
+        # what the graphs gain.
         .gpu/learn-kern bench train --device cuda --preset pch-base --batch-users 1024 --history 80 --targets 40 \
-            --warmup 3 --steps 10 --json "$out/learn-kern-train-b1024.json" 2>&1 | tee -a "$summary" || status=1
+            --cuda-graphs off --warmup 3 --steps 10 --json "$out/learn-kern-train-b1024.json" 2>&1 |
+            tee -a "$summary" || status=1
+        .gpu/learn-kern bench train --device cuda --preset pch-base --batch-users 30 --history 80 --targets 40 \
+            --cuda-graphs off --json "$out/learn-kern-train-b30-eager.json" 2>&1 | tee -a "$summary" || status=1
         python3 - "$out" <<'PY' | tee -a "$summary"
 import glob, json, os, sys
 def load(path):
@@ -128,6 +134,10 @@ for b in (30, 256):
     if ours:
         print(f"pch-base B {b}: MFU {100 * ours['mfu']:.0f}% of the measured GEMM rate"
               + (" (target at B 256: 50%)" if b == 256 else ""))
+eager = load(os.path.join(sys.argv[1], "learn-kern-train-b30-eager.json"))
+graphs = load(os.path.join(sys.argv[1], "learn-kern-train-pch-base-30-80-40.json"))
+if eager and graphs:
+    print(f"pch-base B 30: {graphs['steps_per_s']:.1f} steps/s with CUDA graphs, {eager['steps_per_s']:.1f} without")
 big = load(os.path.join(sys.argv[1], "learn-kern-train-b1024.json"))
 if big:
     print(f"B 1024: InfoNCE {big['phases_ms']['infonce']:.2f} ms = {100 * big['infonce_fraction']:.1f}% of the update "
