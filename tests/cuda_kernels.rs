@@ -9,7 +9,7 @@ use cuda_support::{
 };
 use half::{bf16, f16};
 use learn_kern::cpu;
-use learn_kern::cuda::ops::{HEAD_DIMS, attention_tiles};
+use learn_kern::cuda::ops::{HEAD_DIMS, attention_tiles, packed_offsets};
 use rand::RngExt;
 
 #[test]
@@ -142,12 +142,7 @@ fn attention_matches_the_cpu_for_every_head_size() {
         for i in (1..lengths.len()).rev() {
             lengths.swap(i, rng.random_range(0..=i));
         }
-        let offsets: Vec<usize> = std::iter::once(0)
-            .chain(lengths.iter().scan(0, |end, &n| {
-                *end += n;
-                Some(*end)
-            }))
-            .collect();
+        let offsets = packed_offsets(&lengths);
         let tokens = *offsets.last().unwrap();
         let qkv = f16s(&uniform(&mut rng, tokens * 3 * dim, 2.0));
         let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();

@@ -16,7 +16,7 @@ use learn_kern::cuda::Gpu;
 use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM};
 use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows, infonce_weights};
 use learn_kern::cuda::memory::{Dev, DeviceBuffer};
-use learn_kern::cuda::ops::attention_tiles;
+use learn_kern::cuda::ops::{attention_tiles, packed_offsets};
 use learn_kern::cuda::train_ops::{AdamStats, AdamStep};
 use learn_kern::train::optim::{Adam, AdamConfig, clip_grad_norm};
 use rand::RngExt;
@@ -660,12 +660,7 @@ fn infonce_runs_at_b1024_h80_t40_like_the_cpu_and_repeats() {
 /// A packed attention batch on the device: its offsets and 64-row tiles, then `empty` empty tiles (as a
 /// training step's shape bucket launches them), kept alive with the batch.
 fn attention_batch(gpu: &Gpu, lengths: &[usize], heads: usize, empty: usize) -> (Vec<DeviceBuffer>, AttnBatch) {
-    let offsets: Vec<usize> = std::iter::once(0)
-        .chain(lengths.iter().scan(0, |at, &n| {
-            *at += n;
-            Some(*at)
-        }))
-        .collect();
+    let offsets = packed_offsets(lengths);
     let mut tiles = Vec::new();
     attention_tiles(&offsets, &mut tiles);
     tiles.extend(std::iter::repeat_n([-1, -1], empty));

@@ -12,7 +12,7 @@
 //!
 //! Nothing here needs a GPU; the row maps and tiles built here are what the kernels trust.
 
-use super::ops::{ATTENTION_TILE, attention_tiles};
+use super::ops::{ATTENTION_TILE, attention_tiles, packed_offsets};
 use anyhow::{Result, ensure};
 
 /// Padded row counts are multiples of this: the attention and InfoNCE tiles. Finer buckets would leave
@@ -91,11 +91,7 @@ impl TowerShape {
             all.push(self.rows - real);
         }
         ensure!(all.len() == self.seqs && all.iter().all(|&n| n <= self.len), "tower tables: lengths beyond the shape");
-        let mut offsets = vec![0usize];
-        offsets.extend(all.iter().scan(0, |at, &n| {
-            *at += n;
-            Some(*at)
-        }));
+        let offsets = packed_offsets(&all);
         let mut tiles = Vec::with_capacity(self.tiles);
         attention_tiles(&offsets, &mut tiles);
         ensure!(tiles.len() <= self.tiles, "tower tables: {} tiles, the shape launches {}", tiles.len(), self.tiles);

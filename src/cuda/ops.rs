@@ -35,6 +35,17 @@ fn attention_kernel(hd: usize) -> Option<&'static str> {
     }
 }
 
+/// Where sequences of `lengths` packed one after another start: 0, then the running sum, one more entry
+/// than sequences (the kernels' `cu_seqlens`).
+pub fn packed_offsets(lengths: &[usize]) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(lengths.iter().scan(0, |end, &n| {
+            *end += n;
+            Some(*end)
+        }))
+        .collect()
+}
+
 /// The attention launch's query tiles for sequences packed at `offsets` (0 = offsets[0] ≤ … ≤ offsets[S]):
 /// (sequence, first row of the tile within it), written into `tiles` (reused, no allocation once grown).
 /// Tiles later in their sequence see more keys, so they come first: the longest blocks start early and the
