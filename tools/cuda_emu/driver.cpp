@@ -36,7 +36,6 @@ enum : int {
     SUCCESS = 0,
     INVALID_VALUE = 1,
     OUT_OF_MEMORY = 2,
-    NOT_INITIALIZED = 3,
     INVALID_DEVICE = 101,
     INVALID_CONTEXT = 201,
     INVALID_HANDLE = 400,
@@ -135,7 +134,7 @@ int captures = 0;  // streams capturing now
 struct Context {
     int device;
 };
-std::vector<Context> contexts(16);
+std::vector<Context> contexts(device_count());
 thread_local Context* current = nullptr;
 
 // ---- fault reporting ----
@@ -204,10 +203,6 @@ int drain() {
 }
 }  // namespace emu
 
-namespace {
-CUresult sync_all() { return emu::drain(); }
-}  // namespace
-
 extern "C" {
 
 CUresult cuInit(unsigned) { return SUCCESS; }
@@ -266,7 +261,7 @@ CUresult cuCtxGetDevice(int* d) {
 CUresult cuCtxSynchronize() {
     API;
     if (captures > 0) return CAPTURE_UNSUPPORTED;
-    return sync_all();
+    return emu::drain();
 }
 
 const char* error_text(CUresult e) {
@@ -289,7 +284,7 @@ CUresult cuGetErrorName(CUresult e, const char** s) { *s = error_text(e); return
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { API; return device_alloc(p, bytes); }
 CUresult cuMemFree_v2(CUdeviceptr p) {
     API;
-    sync_all();  // freeing waits for the device, as cudaFree does
+    emu::drain();  // freeing waits for the device, as cudaFree does
     auto it = device_allocations.find((uintptr_t)p);
     if (it == device_allocations.end()) return INVALID_VALUE;
     allocated -= it->second.bytes;
@@ -313,7 +308,7 @@ CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
 CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
 CUresult cuMemFreeHost(void* p) {
     API;
-    sync_all();
+    emu::drain();
     pinned.erase(reinterpret_cast<uintptr_t>(p));
     free(p);
     return SUCCESS;
@@ -335,7 +330,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, void* s)
     }
     if (CUresult e = refuse_if_capturing(stream_of(s))) return e;
     // Pageable destination: the call returns once the copy is done.
-    if (CUresult e = sync_all()) return e;
+    if (CUresult e = emu::drain()) return e;
     memcpy(dst, reinterpret_cast<const void*>(src), bytes);
     return SUCCESS;
 }
@@ -345,19 +340,19 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, vo
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
     API;
-    if (CUresult e = sync_all()) return e;
+    if (CUresult e = emu::drain()) return e;
     memcpy(reinterpret_cast<void*>(dst), src, bytes);
     return SUCCESS;
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
     API;
-    if (CUresult e = sync_all()) return e;
+    if (CUresult e = emu::drain()) return e;
     memcpy(dst, reinterpret_cast<const void*>(src), bytes);
     return SUCCESS;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
     API;
-    if (CUresult e = sync_all()) return e;
+    if (CUresult e = emu::drain()) return e;
     memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
     return SUCCESS;
 }
@@ -367,7 +362,7 @@ CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t bytes, voi
 }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t bytes) {
     API;
-    if (CUresult e = sync_all()) return e;
+    if (CUresult e = emu::drain()) return e;
     memset(reinterpret_cast<void*>(dst), value, bytes);
     return SUCCESS;
 }
@@ -377,14 +372,14 @@ CUresult cuStreamCreate(void** s, unsigned) { *s = new Stream; return SUCCESS; }
 CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = new Stream; return SUCCESS; }
 CUresult cuStreamDestroy_v2(void* s) {
     API;
-    sync_all();
+    emu::drain();
     delete static_cast<Stream*>(s);
     return SUCCESS;
 }
 CUresult cuStreamSynchronize(void* s) {
     API;
     if (CUresult e = refuse_if_capturing(stream_of(s))) return e;
-    return sync_all();
+    return emu::drain();
 }
 CUresult cuStreamQuery(void* s) { return cuStreamSynchronize(s); }
 // Work runs in issue order, so a wait is already satisfied by the time anything after it runs.
@@ -393,7 +388,7 @@ CUresult cuStreamWaitEvent(void*, void*, unsigned) { return SUCCESS; }
 CUresult cuEventCreate(void** e, unsigned) { *e = new Event; return SUCCESS; }
 CUresult cuEventDestroy_v2(void* e) {
     API;
-    sync_all();
+    emu::drain();
     delete static_cast<Event*>(e);
     return SUCCESS;
 }
@@ -411,7 +406,7 @@ CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventReco
 CUresult cuEventSynchronize(void* e) {
     API;
     (void)e;
-    return sync_all();
+    return emu::drain();
 }
 CUresult cuEventQuery(void* e) {
     API;
@@ -469,7 +464,7 @@ CUresult cuGraphLaunch(void* exec, void* s) {
     for (const emu::Op& op : static_cast<Graph*>(exec)->ops) emu::enqueue(s, op);
     return SUCCESS;
 }
-CUresult cuGraphExecDestroy(void* exec) { API; sync_all(); delete static_cast<Graph*>(exec); return SUCCESS; }
+CUresult cuGraphExecDestroy(void* exec) { API; emu::drain(); delete static_cast<Graph*>(exec); return SUCCESS; }
 CUresult cuGraphDestroy(void* graph) { API; delete static_cast<Graph*>(graph); return SUCCESS; }
 
 // ---- modules and launches ----

@@ -9,9 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <map>
 #include <random>
-#include <string>
 #include <vector>
 
 #include "emu.h"
@@ -55,7 +53,6 @@ emu_switch:
 
 struct Fiber {
     void* sp = nullptr;
-    char* stack = nullptr;
     uint3e tid{};
     unsigned warp = 0, lane = 0;
     bool done = false;
@@ -149,11 +146,8 @@ void start(Fiber& f, char* stack) {
     *--sp = reinterpret_cast<void*>(&fiber_main);
     for (int r = 0; r < 6; ++r) *--sp = nullptr;
     f.sp = sp;
-    f.stack = stack;
 }
-}  // namespace
 
-namespace {
 bool same(const Site& a, const Site& b) {
     return a.line == b.line && (a.file == b.file || strcmp(a.file, b.file) == 0);
 }
