@@ -2,38 +2,60 @@
 // it (the derivation is there). Queries are the valid history positions (or the last one per user),
 // columns the valid targets, both numbered user by user by the host (src/cuda/infonce.rs), which also
 // gives each user a bitmask of the columns that are its false negatives. With q̃ = u/τ and
-// s_qc = q̃·v_c − log q_c (the shift only when given):
+// s_qc = q̃·v_c − log q_c (the shift only when given), and w = S/P (S the loss scale, P the pairs):
 //
+//     infonce_split    the queries' user rows and the columns' item rows as pairs of halves (below), in
+//                      query and column order, zero past the last and for padding
 //     infonce_lse      N_q = log Σ exp s_qc over q's negatives            (column tiles streamed, online)
 //     infonce_pos      one block per user: its positive pairs, l = softplus(N_q − s_qk), the loss,
-//                      g_q = Σ_k σ(N_q − s_qk)/P, and the positive parts of ∂L/∂q̃ and ∂L/∂v
-//     infonce_dq       ∂L/∂q̃ += Σ_c g_q·exp(s_qc − N_q)·v_c, then ∂L/∂u = ∂L/∂q̃ / τ
-//     infonce_dc       ∂L/∂v_c += Σ_q g_q·exp(s_qc − N_q)·q̃_q
+//                      g_q = Σ_k σ(N_q − s_qk), and the positive parts of ∂L/∂q̃ and ∂L/∂v (weighted by w)
+//     infonce_dq       ∂L/∂q̃ += w·g_q·Σ_c exp(s_qc − N_q)·v_c, then ∂L/∂u = ∂L/∂q̃ / τ
+//     infonce_dc       ∂L/∂v_c += (w/τ)·Σ_q g_q·exp(s_qc − N_q)·u_q
 //
-// No [queries × columns] matrix exists anywhere: each block holds one 64 × 64 score tile in registers (and
-// in shared memory for the gradient products) and recomputes it where it needs it, as flash attention
-// does. Every sum has a fixed order and nothing is atomic, so the results repeat bit for bit.
+// No [queries × columns] matrix exists anywhere: each block holds one 64 × 64 score tile in shared memory
+// and recomputes it where it needs it, as flash attention does. Every sum has a fixed order and nothing is
+// atomic, so the results repeat bit for bit.
 //
-// The gradients may carry a loss scale S (mixed-precision training): infonce_pos weighs the pairs by S/P
-// instead of 1/P, and every gradient flows from those weights. With S a power of two the scaled gradients
-// are the unscaled ones times S exactly; the loss itself is never scaled. Both weights are read from device
-// memory, so a CUDA graph that captured the launch replays it with the next update's scale and pair count.
+// Products on tensor cores, to fp32 accuracy. Scores must be fp32: with τ = 0.05 they reach ±20, where
+// fp16 inputs would move the loss by about 1e-2. So each fp32 operand x is split into two halves,
+// x ≈ hi + lo·2⁻¹¹ with hi = fp16(x) and lo = fp16((x − hi)·2¹¹) (the scale keeps lo clear of fp16's
+// subnormals), and a product is hi·hi + (hi·lo + lo·hi)·2⁻¹¹: three wmma products into two fp32
+// accumulators, on every GPU from sm_70. What is dropped (lo·lo, and lo's own rounding) is about 2⁻²² of
+// each term, against 2⁻²⁴ for the fp32 FMA loop this replaces, at several times its rate. The embeddings
+// are split once per launch (infonce_split; the model's are unit rows, far inside fp16's range, and τ is
+// applied to the fp32 sums, not to the halves); the gradient passes split their probability tiles in
+// shared memory, where every value is bounded: exp(s − N) ≤ 1 and g_q ≤ T ≤ NCE_MAX_TARGETS.
 //
-// Padding: a query or column whose row (and user) is −1 is padding, as one past the last: it loads as
+// The gradients may carry a loss scale S (mixed-precision training): w = S/P instead of 1/P, and every
+// gradient flows from w. With S a power of two the scaled gradients are the unscaled ones times S exactly;
+// the loss itself is never scaled. Both weights are read from device memory, so a CUDA graph that captured
+// the launch replays it with the next update's scale and pair count.
+//
+// Padding: a query or column whose row (and user) is −1 is padding, as one past the last: it splits to
 // zeros, is masked out of every score, and nothing is written for it. A training step padded to a shape
 // bucket (src/cuda/trainer) so fills whole tiles, and its results are those of the unpadded batch exactly.
 //
-// Scores are fp32 products of the fp32 embeddings: with τ = 0.05 they reach ±20, where fp16 inputs would
-// move the loss by about 1e-2. Tiles are 64 queries × 64 columns for 256 threads as 16 × 16; thread
-// (ty, tx) owns rows ty + 16i and columns tx + 16j (i, j < 4). Rows of the tiles in shared memory are
-// padded to D + 1 floats: the 16 threads of a half-warp then read 16 different banks.
+// A block is 256 threads over a 64 × 64 tile. In the products warp w owns tile rows 16·(w / 2) .. + 16 and
+// half of the columns; in the element-wise work (masks, exponentials, row reductions) thread (ty, tx) owns
+// rows ty + 16i and columns tx + 16j (i, j < 4), read from the fp32 tile in shared memory.
 #include "common.cuh"
 
 #define NCE_TILE 64
 #define NCE_THREADS 256
+// Blocks a multiprocessor should hold at once, which caps the tiled passes' registers: two (128 registers a
+// thread) from sm_80 on; one on a V100, whose shared memory holds one block anyway and whose wmma code
+// needs more registers than 128 without spilling.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define NCE_MIN_BLOCKS 2
+#else
+#define NCE_MIN_BLOCKS 1
+#endif
 // Queries per pass of infonce_pos, and the most targets a user may have there.
 #define NCE_CHUNK 32
 #define NCE_MAX_TARGETS 256
+#define NCE_LO_SCALE 2048.0f
+#define NCE_LDS 80              // fp32 score rows: a warp's two rows in the element phase lie 16 banks apart
+#define NCE_LDP (NCE_TILE + 8)  // fp16 probability rows
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -60,39 +82,131 @@ __device__ __forceinline__ float half_sum(float v) {
     return v;
 }
 
-// Rows first .. first+63 of `src` (row r of the tile is src row idx[first + r]; zero past `total` and for
-// padding, idx −1), times `scale`, into dst with rows of D + 1. Consecutive threads read consecutive floats
-// of a row.
-template <int D>
-__device__ __forceinline__ void load_tile(float* dst, const float* __restrict__ src, const int* __restrict__ idx,
-                                          int first, int total, float scale) {
-    for (int e = threadIdx.x; e < NCE_TILE * D; e += NCE_THREADS) {
-        const int r = e / D, k = e % D;
-        const int row = first + r < total ? idx[first + r] : -1;
-        dst[r * (D + 1) + k] = row >= 0 ? src[(index_t)row * D + k] * scale : 0.0f;
+// x as hi + lo·2⁻¹¹ (see the top of the file).
+__device__ __forceinline__ void split(float x, f16& hi, f16& lo) {
+    hi = f32_to_f16(x);
+    lo = f32_to_f16((x - f16_to_f32(hi)) * NCE_LO_SCALE);
+}
+
+// hi[r, k] and lo[r, k] for r < n_pad (a multiple of 64) and k < d: row idx[r] of src, zero past n and for
+// padding (idx −1).
+extern "C" __global__ void infonce_split(f16* __restrict__ hi, f16* __restrict__ lo, const float* __restrict__ src,
+                                         const int* __restrict__ idx, int n, int n_pad, int d) {
+    const index_t total = (index_t)n_pad * d;
+    for (index_t e = blockIdx.x * (index_t)blockDim.x + threadIdx.x; e < total; e += (index_t)gridDim.x * blockDim.x) {
+        const int r = (int)(e / d), k = (int)(e % d);
+        const int row = r < n ? idx[r] : -1;
+        split(row >= 0 ? src[(index_t)row * d + k] : 0.0f, hi[e], lo[e]);
     }
 }
 
-// The thread's 4 × 4 scores q̃·v of the tiles in shared memory.
+// A pass's dynamic shared memory at width D: the hi and lo halves of a 64-row query tile and of a 64-row
+// column tile (rows of D + 8 halves, so that a fragment's 16 rows start in different banks), then one
+// region that holds in turn the fp32 score tile, the hi and lo halves of the probability tile, and at the
+// end the block's fp32 gradient rows.
 template <int D>
-__device__ __forceinline__ void tile_products(float s[4][4], const float* qs, const float* cs) {
+struct NceShared {
+    static constexpr int LDH = D + 8;
+    static constexpr int LDG = D + 4;  // fp32 gradient rows
+    static constexpr int TILE_HALVES = NCE_TILE * LDH;
+    static constexpr int SCORES = NCE_TILE * NCE_LDS * 4, PROBS = 2 * NCE_TILE * NCE_LDP * 2;
+    static constexpr int GRADS = NCE_TILE * LDG * 4;
+    static constexpr int REGION = SCORES > PROBS ? (SCORES > GRADS ? SCORES : GRADS) : (PROBS > GRADS ? PROBS : GRADS);
+    static constexpr int BYTES = 4 * TILE_HALVES * 2 + REGION;
+    f16 *qh, *ql, *ch, *cl, *ph, *pl;
+    float *s, *grads;
+};
+
+template <int D>
+__device__ __forceinline__ NceShared<D> nce_shared() {
+    using S = NceShared<D>;
+    DYNAMIC_SHARED(f16, smem);
+    if (dynamic_smem_size() < (unsigned)S::BYTES) __trap();
+    S sh;
+    sh.qh = smem;
+    sh.ql = sh.qh + S::TILE_HALVES;
+    sh.ch = sh.ql + S::TILE_HALVES;
+    sh.cl = sh.ch + S::TILE_HALVES;
+    sh.s = sh.grads = reinterpret_cast<float*>(sh.cl + S::TILE_HALVES);
+    sh.ph = reinterpret_cast<f16*>(sh.s);
+    sh.pl = sh.ph + NCE_TILE * NCE_LDP;
+    return sh;
+}
+
+// Rows first .. first + 63 of the split arrays into a tile's hi and lo halves.
+template <int D>
+__device__ __forceinline__ void load_split(f16* hi_tile, f16* lo_tile, const f16* __restrict__ hi,
+                                           const f16* __restrict__ lo, int first) {
+    load_tile<NCE_TILE, D>(hi_tile, NceShared<D>::LDH, hi, D, first, first + NCE_TILE);
+    load_tile<NCE_TILE, D>(lo_tile, NceShared<D>::LDH, lo, D, first, first + NCE_TILE);
+}
+
+// acc[j] += a·b for COLS / 16 column blocks of 16 from split operands: A (16 rows, K deep, row-major, ld
+// lda) and B (K × COLS, column-major when B_COL, i.e. its columns are rows of bh/bl, else row-major).
+// main gets hi·hi, cross hi·lo + lo·hi. One column block at a time, A reloaded for each: fewer fragments
+// live at once, so the passes fit NCE_MIN_BLOCKS' register cap without spilling.
+template <int K, int COLS, bool B_COL>
+__device__ __forceinline__ void split_products(FragC main[COLS / 16], FragC cross[COLS / 16], const f16* ah,
+                                               const f16* al, int lda, const f16* bh, const f16* bl, int ldb) {
+#pragma unroll
+    for (int j = 0; j < COLS / 16; ++j) {
+#pragma unroll
+        for (int kk = 0; kk < K / 16; ++kk) {
+            FragA a_hi, a_lo;
+            FragB b_hi, b_lo;
+            load_a_row(a_hi, ah + kk * 16, lda);
+            load_a_row(a_lo, al + kk * 16, lda);
+            if (B_COL) {
+                load_b_col(b_hi, bh + j * 16 * ldb + kk * 16, ldb);
+                load_b_col(b_lo, bl + j * 16 * ldb + kk * 16, ldb);
+                mma_row_col(main[j], a_hi, b_hi);
+                mma_row_col(cross[j], a_hi, b_lo);
+                mma_row_col(cross[j], a_lo, b_hi);
+            } else {
+                load_b_row(b_hi, bh + kk * 16 * ldb + j * 16, ldb);
+                load_b_row(b_lo, bl + kk * 16 * ldb + j * 16, ldb);
+                mma_row_row(main[j], a_hi, b_hi);
+                mma_row_row(cross[j], a_hi, b_lo);
+                mma_row_row(cross[j], a_lo, b_hi);
+            }
+        }
+    }
+}
+
+// main + cross·2⁻¹¹ of COLS / 16 accumulator pairs, stored from dst on (fp32 rows of ld).
+template <int COLS>
+__device__ __forceinline__ void store_split(float* dst, int ld, FragC main[COLS / 16], const FragC cross[COLS / 16]) {
+#pragma unroll
+    for (int j = 0; j < COLS / 16; ++j) {
+        axpy_c(main[j], 1.0f / NCE_LO_SCALE, cross[j]);
+        store_d_row(dst + j * 16, main[j], ld);
+    }
+}
+
+// The unshifted, unmasked score tile Σ_k u_qk·v_ck of the query and column tiles into sh.s (τ not applied).
+template <int D>
+__device__ __forceinline__ void score_tile(const NceShared<D>& sh) {
+    constexpr int LDH = NceShared<D>::LDH;
+    const int warp = threadIdx.x / 32;
+    const int r0 = 16 * (warp / 2), c0 = (NCE_TILE / 2) * (warp % 2);
+    FragC main[NCE_TILE / 32], cross[NCE_TILE / 32];
+#pragma unroll
+    for (int j = 0; j < NCE_TILE / 32; ++j) {
+        zero_c(main[j]);
+        zero_c(cross[j]);
+    }
+    split_products<D, NCE_TILE / 2, true>(main, cross, sh.qh + r0 * LDH, sh.ql + r0 * LDH, LDH, sh.ch + c0 * LDH,
+                                          sh.cl + c0 * LDH, LDH);
+    store_split<NCE_TILE / 2>(sh.s + r0 * NCE_LDS + c0, NCE_LDS, main, cross);
+}
+
+// The thread's 4 × 4 scores of the tile in sh.s, over τ.
+__device__ __forceinline__ void read_scores(float s[4][4], const float* tile, float inv_tau) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) s[i][j] = 0.0f;
-#pragma unroll 8
-    for (int k = 0; k < D; ++k) {
-        float q[4], c[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) q[i] = qs[(ty + 16 * i) * (D + 1) + k];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) c[j] = cs[(tx + 16 * j) * (D + 1) + k];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) s[i][j] = fmaf(q[i], c[j], s[i][j]);
-    }
+        for (int j = 0; j < 4; ++j) s[i][j] = tile[(ty + 16 * i) * NCE_LDS + tx + 16 * j] * inv_tau;
 }
 
 // Per column of a tile: its user (−1 past the last column and for padding) and its shift (log q, or 0).
@@ -138,17 +252,15 @@ __device__ __forceinline__ void mask_scores(float s[4][4], const int row_user[4]
 // Pass 1: lse[q] = N_q, the log-sum-exp of query q's negatives (−∞ when it has none), over column tiles
 // with a running maximum per row so that no exponent overflows. One block per 64 queries.
 template <int D>
-__device__ void lse_impl(float* __restrict__ lse, const float* __restrict__ users, const float* __restrict__ items,
-                         const float* __restrict__ log_q, const int* __restrict__ q_row,
+__device__ void lse_impl(float* __restrict__ lse, const f16* __restrict__ q_hi, const f16* __restrict__ q_lo,
+                         const f16* __restrict__ c_hi, const f16* __restrict__ c_lo, const float* __restrict__ log_q,
                          const int* __restrict__ q_user, const int* __restrict__ c_row, const int* __restrict__ c_user,
                          const unsigned* __restrict__ ban, int nq, int nc, int words, float inv_tau) {
-    DYNAMIC_SHARED(float, smem);
-    float* qs = smem;
-    float* cs = smem + NCE_TILE * (D + 1);
+    const NceShared<D> sh = nce_shared<D>();
     __shared__ ColumnInfo info;
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     const int first = blockIdx.x * NCE_TILE;
-    load_tile<D>(qs, users, q_row, first, nq, inv_tau);
+    load_split<D>(sh.qh, sh.ql, q_hi, q_lo, first);
     int row_user[4];
     float m[4], l[4];
 #pragma unroll
@@ -160,11 +272,13 @@ __device__ void lse_impl(float* __restrict__ lse, const float* __restrict__ user
     }
     for (int c0 = 0; c0 < nc; c0 += NCE_TILE) {
         __syncthreads();  // the previous tile's readers are done
-        load_tile<D>(cs, items, c_row, c0, nc, 1.0f);
+        load_split<D>(sh.ch, sh.cl, c_hi, c_lo, c0);
         load_columns(info, c_user, c_row, log_q, c0, nc);
         __syncthreads();
+        score_tile<D>(sh);
+        __syncthreads();
         float s[4][4];
-        tile_products<D>(s, qs, cs);
+        read_scores(s, sh.s, inv_tau);
         mask_scores(s, row_user, info, ban, words, c0);
         // Every lane of the warp takes both shuffles: the two half-warps hold different rows, and a full-mask
         // shuffle that one half skips is undefined (the emulator reports it).
@@ -191,149 +305,165 @@ __device__ void lse_impl(float* __restrict__ lse, const float* __restrict__ user
     }
 }
 
-// Pass 3 for one block of 64 queries: recompute each score tile, turn it into ∂L/∂s = g_q·exp(s − N_q)
-// (0 for non-negatives), and add its product with the column tile into the block's ∂L/∂q̃; then add the
-// positives' part (infonce_pos left it in d_users) and divide by τ.
+// Row q's (g, N), or (0, −∞) past the last query and for padding.
+__device__ __forceinline__ void row_terms(int q, int nq, const int* __restrict__ q_user, const float* __restrict__ lse,
+                                          const float* __restrict__ g, int& user, float& row_lse, float& row_g) {
+    user = q < nq ? q_user[q] : -1;
+    row_lse = user >= 0 ? lse[q] : neg_inf();
+    row_g = user >= 0 ? g[q] : 0.0f;
+}
+
+// exp(s − N) of a score, 0 where it is masked (−∞; this also covers N = −∞, a row without negatives).
+__device__ __forceinline__ float prob(float s, float row_lse) { return s == neg_inf() ? 0.0f : expf(s - row_lse); }
+
+// The probability value of the thread's element (r, c) of the tile into the split tiles sh.ph, sh.pl.
 template <int D>
-__device__ void dq_impl(float* __restrict__ d_users, const float* __restrict__ users, const float* __restrict__ items,
-                        const float* __restrict__ log_q, const int* __restrict__ q_row, const int* __restrict__ q_user,
-                        const int* __restrict__ c_row, const int* __restrict__ c_user,
-                        const unsigned* __restrict__ ban, const float* __restrict__ lse, const float* __restrict__ g,
-                        int nq, int nc, int words, float inv_tau) {
-    DYNAMIC_SHARED(float, smem);
-    float* qs = smem;
-    float* cs = qs + NCE_TILE * (D + 1);
-    float* ps = cs + NCE_TILE * (D + 1);
+__device__ __forceinline__ void store_prob(const NceShared<D>& sh, int r, int c, float p) {
+    split(p, sh.ph[r * NCE_LDP + c], sh.pl[r * NCE_LDP + c]);
+}
+
+// The warp's accumulators, main + cross·2⁻¹¹, into the block's fp32 gradient rows sh.grads, once every warp is
+// done with the tiles (the region is shared).
+template <int D>
+__device__ __forceinline__ void stage_grads(const NceShared<D>& sh, FragC main[D / 32], const FragC cross[D / 32]) {
+    const int warp = threadIdx.x / 32;
+    __syncthreads();
+    store_split<D / 2>(sh.grads + 16 * (warp / 2) * NceShared<D>::LDG + (D / 2) * (warp % 2), NceShared<D>::LDG, main,
+                       cross);
+    __syncthreads();
+}
+
+// Pass 3 for one block of 64 queries: recompute each score tile, turn it into exp(s − N_q) (0 for
+// non-negatives), and add its product with the column tile into the block's Σ_c exp(s − N)·v_c; then
+// ∂L/∂q̃ = (positives' part, which infonce_pos left in d_users) + w·g_q·that sum, divided by τ.
+template <int D>
+__device__ void dq_impl(float* __restrict__ d_users, const f16* __restrict__ q_hi, const f16* __restrict__ q_lo,
+                        const f16* __restrict__ c_hi, const f16* __restrict__ c_lo, const float* __restrict__ log_q,
+                        const int* __restrict__ q_row, const int* __restrict__ q_user, const int* __restrict__ c_row,
+                        const int* __restrict__ c_user, const unsigned* __restrict__ ban,
+                        const float* __restrict__ lse, const float* __restrict__ g,
+                        const float* __restrict__ weights, int nq, int nc, int words, float inv_tau) {
+    constexpr int LDH = NceShared<D>::LDH;
+    const NceShared<D> sh = nce_shared<D>();
     __shared__ ColumnInfo info;
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16, warp = threadIdx.x / 32;
     const int first = blockIdx.x * NCE_TILE;
-    load_tile<D>(qs, users, q_row, first, nq, inv_tau);
+    load_split<D>(sh.qh, sh.ql, q_hi, q_lo, first);
     int row_user[4];
-    float row_lse[4], row_g[4], acc[4][D / 16];
+    float row_lse[4], row_g[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int q = first + ty + 16 * i;
-        row_user[i] = q < nq ? q_user[q] : -1;
-        row_lse[i] = row_user[i] >= 0 ? lse[q] : neg_inf();
-        row_g[i] = row_user[i] >= 0 ? g[q] : 0.0f;
+    for (int i = 0; i < 4; ++i) row_terms(first + ty + 16 * i, nq, q_user, lse, g, row_user[i], row_lse[i], row_g[i]);
+    FragC main[D / 32], cross[D / 32];
 #pragma unroll
-        for (int j = 0; j < D / 16; ++j) acc[i][j] = 0.0f;
+    for (int j = 0; j < D / 32; ++j) {
+        zero_c(main[j]);
+        zero_c(cross[j]);
     }
+    const int r0 = 16 * (warp / 2), d0 = (D / 2) * (warp % 2);
     for (int c0 = 0; c0 < nc; c0 += NCE_TILE) {
         __syncthreads();
-        load_tile<D>(cs, items, c_row, c0, nc, 1.0f);
+        load_split<D>(sh.ch, sh.cl, c_hi, c_lo, c0);
         load_columns(info, c_user, c_row, log_q, c0, nc);
         __syncthreads();
+        score_tile<D>(sh);
+        __syncthreads();
         float s[4][4];
-        tile_products<D>(s, qs, cs);
+        read_scores(s, sh.s, inv_tau);
         mask_scores(s, row_user, info, ban, words, c0);
+        __syncthreads();  // the probabilities overwrite the scores
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                // g = 0 also covers N = −∞ (no negatives at all), where exp(s − N) would be ∞·0.
-                const float p = s[i][j] == neg_inf() || row_g[i] == 0.0f ? 0.0f : row_g[i] * expf(s[i][j] - row_lse[i]);
-                ps[(ty + 16 * i) * (NCE_TILE + 1) + tx + 16 * j] = p;
-            }
+            for (int j = 0; j < 4; ++j) store_prob(sh, ty + 16 * i, tx + 16 * j, prob(s[i][j], row_lse[i]));
         __syncthreads();
-#pragma unroll 4
-        for (int c = 0; c < NCE_TILE; ++c) {
-            float v[D / 16];
-#pragma unroll
-            for (int j = 0; j < D / 16; ++j) v[j] = cs[c * (D + 1) + tx + 16 * j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const float p = ps[(ty + 16 * i) * (NCE_TILE + 1) + c];
-#pragma unroll
-                for (int j = 0; j < D / 16; ++j) acc[i][j] = fmaf(p, v[j], acc[i][j]);
-            }
-        }
+        split_products<NCE_TILE, D / 2, false>(main, cross, sh.ph + r0 * NCE_LDP, sh.pl + r0 * NCE_LDP, NCE_LDP,
+                                               sh.ch + d0, sh.cl + d0, LDH);
     }
+    stage_grads(sh, main, cross);
+    const float w = weights[1];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         if (row_user[i] < 0) continue;  // past the last query, or padding
-        float* out = d_users + (index_t)q_row[first + ty + 16 * i] * D;
+        const int r = ty + 16 * i;
+        float* out = d_users + (index_t)q_row[first + r] * D;
+        const float scale = w * row_g[i];
 #pragma unroll
-        for (int j = 0; j < D / 16; ++j) out[tx + 16 * j] = (out[tx + 16 * j] + acc[i][j]) * inv_tau;
+        for (int j = 0; j < D / 16; ++j) {
+            const int k = tx + 16 * j;
+            out[k] = (out[k] + scale * sh.grads[r * NceShared<D>::LDG + k]) * inv_tau;
+        }
     }
 }
 
-// Pass 4 for one block of 64 columns: over every tile of queries, recompute the scores and ∂L/∂s, and add
-// their product with the (scaled) query tile into the block's ∂L/∂v, then into d_items, which holds the
-// positives' part. Here thread (ty, tx) owns columns ty + 16i and elements tx + 16j of the result.
+// Pass 4 for one block of 64 columns: over every tile of queries, recompute the scores and
+// g_q·exp(s − N_q), and add their product with the query tile into the block's Σ_q g_q·exp(s − N)·u_q,
+// then w/τ times that into d_items, which holds the positives' part. The probability tile is stored
+// transposed (columns as rows), the A operand of that product.
 template <int D>
-__device__ void dc_impl(float* __restrict__ d_items, const float* __restrict__ users, const float* __restrict__ items,
-                        const float* __restrict__ log_q, const int* __restrict__ q_row, const int* __restrict__ q_user,
-                        const int* __restrict__ c_row, const int* __restrict__ c_user,
+__device__ void dc_impl(float* __restrict__ d_items, const f16* __restrict__ q_hi, const f16* __restrict__ q_lo,
+                        const f16* __restrict__ c_hi, const f16* __restrict__ c_lo, const float* __restrict__ log_q,
+                        const int* __restrict__ q_user, const int* __restrict__ c_row, const int* __restrict__ c_user,
                         const unsigned* __restrict__ ban, const float* __restrict__ lse, const float* __restrict__ g,
-                        int nq, int nc, int words, float inv_tau) {
-    DYNAMIC_SHARED(float, smem);
-    float* qs = smem;
-    float* cs = qs + NCE_TILE * (D + 1);
-    float* ps = cs + NCE_TILE * (D + 1);
+                        const float* __restrict__ weights, int nq, int nc, int words, float inv_tau) {
+    constexpr int LDH = NceShared<D>::LDH;
+    const NceShared<D> sh = nce_shared<D>();
     __shared__ ColumnInfo info;
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16, warp = threadIdx.x / 32;
     const int c0 = blockIdx.x * NCE_TILE;
-    load_tile<D>(cs, items, c_row, c0, nc, 1.0f);
+    load_split<D>(sh.ch, sh.cl, c_hi, c_lo, c0);
     load_columns(info, c_user, c_row, log_q, c0, nc);
-    float acc[4][D / 16];
+    FragC main[D / 32], cross[D / 32];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < D / 16; ++j) acc[i][j] = 0.0f;
+    for (int j = 0; j < D / 32; ++j) {
+        zero_c(main[j]);
+        zero_c(cross[j]);
+    }
+    const int r0 = 16 * (warp / 2), d0 = (D / 2) * (warp % 2);
     for (int first = 0; first < nq; first += NCE_TILE) {
         __syncthreads();
-        load_tile<D>(qs, users, q_row, first, nq, inv_tau);
+        load_split<D>(sh.qh, sh.ql, q_hi, q_lo, first);
         __syncthreads();
+        score_tile<D>(sh);
         int row_user[4];
         float row_lse[4], row_g[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int q = first + ty + 16 * i;
-            row_user[i] = q < nq ? q_user[q] : -1;
-            row_lse[i] = row_user[i] >= 0 ? lse[q] : neg_inf();
-            row_g[i] = row_user[i] >= 0 ? g[q] : 0.0f;
-        }
+        for (int i = 0; i < 4; ++i)
+            row_terms(first + ty + 16 * i, nq, q_user, lse, g, row_user[i], row_lse[i], row_g[i]);
+        __syncthreads();
         float s[4][4];
-        tile_products<D>(s, qs, cs);
+        read_scores(s, sh.s, inv_tau);
         mask_scores(s, row_user, info, ban, words, c0);
+        __syncthreads();  // the probabilities overwrite the scores
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float p = s[i][j] == neg_inf() || row_g[i] == 0.0f ? 0.0f : row_g[i] * expf(s[i][j] - row_lse[i]);
-                ps[(ty + 16 * i) * (NCE_TILE + 1) + tx + 16 * j] = p;
-            }
+            for (int j = 0; j < 4; ++j)
+                store_prob(sh, tx + 16 * j, ty + 16 * i, row_g[i] * prob(s[i][j], row_lse[i]));
         __syncthreads();
-#pragma unroll 4
-        for (int r = 0; r < NCE_TILE; ++r) {
-            float q[D / 16];
-#pragma unroll
-            for (int j = 0; j < D / 16; ++j) q[j] = qs[r * (D + 1) + tx + 16 * j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const float p = ps[r * (NCE_TILE + 1) + ty + 16 * i];
-#pragma unroll
-                for (int j = 0; j < D / 16; ++j) acc[i][j] = fmaf(p, q[j], acc[i][j]);
-            }
-        }
+        split_products<NCE_TILE, D / 2, false>(main, cross, sh.ph + r0 * NCE_LDP, sh.pl + r0 * NCE_LDP, NCE_LDP,
+                                               sh.qh + d0, sh.ql + d0, LDH);
     }
+    stage_grads(sh, main, cross);
+    const float scale = weights[1] * inv_tau;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const int c = c0 + ty + 16 * i;
+        const int r = ty + 16 * i, c = c0 + r;
         if (c >= nc || c_user[c] < 0) continue;  // past the last column, or padding
         float* out = d_items + (index_t)c_row[c] * D;
 #pragma unroll
-        for (int j = 0; j < D / 16; ++j) out[tx + 16 * j] += acc[i][j];
+        for (int j = 0; j < D / 16; ++j) {
+            const int k = tx + 16 * j;
+            out[k] += scale * sh.grads[r * NceShared<D>::LDG + k];
+        }
     }
 }
 
 // Pass 2, one block per user: its queries q (NCE_CHUNK at a time) against its own columns k, with
-// w_qk = σ(N_q − s_qk)·S/P (weights = {1/P, S/P}):
-//     loss_part[user] = Σ softplus(N_q − s_qk) / P,   g[q] = Σ_k w_qk,
+// σ_qk = σ(N_q − s_qk) and w_qk = σ_qk·w (weights = {1/P, w = S/P}):
+//     loss_part[user] = Σ softplus(N_q − s_qk) / P,   g[q] = Σ_k σ_qk,
 //     d_users[q] = −Σ_k w_qk·v_k  (∂L/∂q̃, positives only),   d_items[k] = −Σ_q w_qk·q̃_q
 // The inner products are short (at most NCE_MAX_TARGETS by d), so they read the embeddings from memory
-// (the cache holds a user's rows) rather than staging them. blockDim.x is a multiple of 32.
+// (the cache holds a user's rows) rather than staging them, in plain fp32. blockDim.x is a multiple of 32.
 extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __restrict__ d_items, float* __restrict__ g,
                                        float* __restrict__ loss_part, const float* __restrict__ users,
                                        const float* __restrict__ items, const float* __restrict__ log_q,
@@ -341,12 +471,12 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
                                        const int* __restrict__ q_start, const int* __restrict__ c_start,
                                        const float* __restrict__ lse, const float* __restrict__ weights, int d,
                                        float inv_tau) {
-    __shared__ float w[NCE_CHUNK][NCE_MAX_TARGETS];
+    __shared__ float sig[NCE_CHUNK][NCE_MAX_TARGETS];
     __shared__ float scratch[32];
     const int user = blockIdx.x;
     const int q0 = q_start[user], q1 = q_start[user + 1];
     const int k0 = c_start[user], nt = c_start[user + 1] - k0;
-    const float inv_pairs = weights[0], grad_weight = weights[1];
+    const float inv_pairs = weights[0], w = weights[1];
     float loss = 0.0f;
     for (int j0 = q0; j0 < q1; j0 += NCE_CHUNK) {
         const int nj = min(NCE_CHUNK, q1 - j0);
@@ -359,72 +489,80 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
             if (log_q != nullptr) s -= log_q[c_row[k0 + k]];
             const float z = lse[j0 + j] - s;
             loss += softplus(z);
-            w[j][k] = sigmoid(z) * grad_weight;
+            sig[j][k] = sigmoid(z);
         }
         __syncthreads();
         for (int e = threadIdx.x; e < nj * d; e += blockDim.x) {
             const int j = e / d, x = e % d;
             float acc = 0.0f;
-            for (int k = 0; k < nt; ++k) acc = fmaf(w[j][k], items[(index_t)c_row[k0 + k] * d + x], acc);
+            for (int k = 0; k < nt; ++k) acc = fmaf(sig[j][k] * w, items[(index_t)c_row[k0 + k] * d + x], acc);
             d_users[(index_t)q_row[j0 + j] * d + x] = -acc;
             if (x == 0) {
                 float total = 0.0f;
-                for (int k = 0; k < nt; ++k) total += w[j][k];
+                for (int k = 0; k < nt; ++k) total += sig[j][k];
                 g[j0 + j] = total;
             }
         }
         for (int e = threadIdx.x; e < nt * d; e += blockDim.x) {
             const int k = e / d, x = e % d;
             float acc = 0.0f;
-            for (int j = 0; j < nj; ++j) acc = fmaf(w[j][k], users[(index_t)q_row[j0 + j] * d + x] * inv_tau, acc);
+            for (int j = 0; j < nj; ++j)
+                acc = fmaf(sig[j][k] * w, users[(index_t)q_row[j0 + j] * d + x] * inv_tau, acc);
             float* out = d_items + (index_t)c_row[k0 + k] * d + x;
             *out = (j0 == q0 ? 0.0f : *out) - acc;
         }
-        __syncthreads();  // w is rewritten by the next chunk
+        __syncthreads();  // sig is rewritten by the next chunk
     }
     loss = block_sum(loss, scratch);
     if (threadIdx.x == 0) loss_part[user] = loss * inv_pairs;
 }
 
 // The entry points, per embedding width (d_out).
-extern "C" __global__ void __launch_bounds__(NCE_THREADS)
-    infonce_lse_d32(float* lse, const float* users, const float* items, const float* log_q, const int* q_row,
+
+extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
+    infonce_lse_d32(float* lse, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo, const float* log_q,
                     const int* q_user, const int* c_row, const int* c_user, const unsigned* ban, int nq, int nc,
                     int words, float inv_tau) {
-    lse_impl<32>(lse, users, items, log_q, q_row, q_user, c_row, c_user, ban, nq, nc, words, inv_tau);
+    lse_impl<32>(lse, q_hi, q_lo, c_hi, c_lo, log_q, q_user, c_row, c_user, ban, nq, nc, words, inv_tau);
 }
 
-extern "C" __global__ void __launch_bounds__(NCE_THREADS)
-    infonce_dq_d32(float* d_users, const float* users, const float* items, const float* log_q, const int* q_row,
-                   const int* q_user, const int* c_row, const int* c_user, const unsigned* ban, const float* lse,
-                   const float* g, int nq, int nc, int words, float inv_tau) {
-    dq_impl<32>(d_users, users, items, log_q, q_row, q_user, c_row, c_user, ban, lse, g, nq, nc, words, inv_tau);
+extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
+    infonce_dq_d32(float* d_users, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo,
+                   const float* log_q, const int* q_row, const int* q_user, const int* c_row, const int* c_user,
+                   const unsigned* ban, const float* lse, const float* g, const float* weights, int nq, int nc,
+                   int words, float inv_tau) {
+    dq_impl<32>(d_users, q_hi, q_lo, c_hi, c_lo, log_q, q_row, q_user, c_row, c_user, ban, lse, g, weights, nq, nc,
+                words, inv_tau);
 }
 
-extern "C" __global__ void __launch_bounds__(NCE_THREADS)
-    infonce_dc_d32(float* d_items, const float* users, const float* items, const float* log_q, const int* q_row,
-                   const int* q_user, const int* c_row, const int* c_user, const unsigned* ban, const float* lse,
-                   const float* g, int nq, int nc, int words, float inv_tau) {
-    dc_impl<32>(d_items, users, items, log_q, q_row, q_user, c_row, c_user, ban, lse, g, nq, nc, words, inv_tau);
+extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
+    infonce_dc_d32(float* d_items, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo,
+                   const float* log_q, const int* q_user, const int* c_row, const int* c_user, const unsigned* ban,
+                   const float* lse, const float* g, const float* weights, int nq, int nc, int words, float inv_tau) {
+    dc_impl<32>(d_items, q_hi, q_lo, c_hi, c_lo, log_q, q_user, c_row, c_user, ban, lse, g, weights, nq, nc, words,
+                inv_tau);
 }
 
-extern "C" __global__ void __launch_bounds__(NCE_THREADS)
-    infonce_lse_d64(float* lse, const float* users, const float* items, const float* log_q, const int* q_row,
+extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
+    infonce_lse_d64(float* lse, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo, const float* log_q,
                     const int* q_user, const int* c_row, const int* c_user, const unsigned* ban, int nq, int nc,
                     int words, float inv_tau) {
-    lse_impl<64>(lse, users, items, log_q, q_row, q_user, c_row, c_user, ban, nq, nc, words, inv_tau);
+    lse_impl<64>(lse, q_hi, q_lo, c_hi, c_lo, log_q, q_user, c_row, c_user, ban, nq, nc, words, inv_tau);
 }
 
-extern "C" __global__ void __launch_bounds__(NCE_THREADS)
-    infonce_dq_d64(float* d_users, const float* users, const float* items, const float* log_q, const int* q_row,
-                   const int* q_user, const int* c_row, const int* c_user, const unsigned* ban, const float* lse,
-                   const float* g, int nq, int nc, int words, float inv_tau) {
-    dq_impl<64>(d_users, users, items, log_q, q_row, q_user, c_row, c_user, ban, lse, g, nq, nc, words, inv_tau);
+extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
+    infonce_dq_d64(float* d_users, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo,
+                   const float* log_q, const int* q_row, const int* q_user, const int* c_row, const int* c_user,
+                   const unsigned* ban, const float* lse, const float* g, const float* weights, int nq, int nc,
+                   int words, float inv_tau) {
+    dq_impl<64>(d_users, q_hi, q_lo, c_hi, c_lo, log_q, q_row, q_user, c_row, c_user, ban, lse, g, weights, nq, nc,
+                words, inv_tau);
 }
 
-extern "C" __global__ void __launch_bounds__(NCE_THREADS)
-    infonce_dc_d64(float* d_items, const float* users, const float* items, const float* log_q, const int* q_row,
-                   const int* q_user, const int* c_row, const int* c_user, const unsigned* ban, const float* lse,
-                   const float* g, int nq, int nc, int words, float inv_tau) {
-    dc_impl<64>(d_items, users, items, log_q, q_row, q_user, c_row, c_user, ban, lse, g, nq, nc, words, inv_tau);
+extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
+    infonce_dc_d64(float* d_items, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo,
+                   const float* log_q, const int* q_user, const int* c_row, const int* c_user, const unsigned* ban,
+                   const float* lse, const float* g, const float* weights, int nq, int nc, int words, float inv_tau) {
+    dc_impl<64>(d_items, q_hi, q_lo, c_hi, c_lo, log_q, q_user, c_row, c_user, ban, lse, g, weights, nq, nc, words,
+                inv_tau);
 }

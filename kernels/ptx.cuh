@@ -52,6 +52,13 @@ __device__ __forceinline__ void zero_c(FragC& c) {
     for (int e = 0; e < 8; ++e) c.r[e] = 0.0f;
 }
 
+// c += a·x element by element. Accumulator fragments of one shape hold their elements alike, so this needs
+// no knowledge of which element a register holds.
+__device__ __forceinline__ void axpy_c(FragC& c, float a, const FragC& x) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) c.r[e] = fmaf(a, x.r[e], c.r[e]);
+}
+
 // Loads and stores take generic addresses (shared memory here), 32-byte aligned, with the leading
 // dimension in elements (a multiple of 8 for fp16, of 4 for fp32). The "memory" clobber orders them with
 // the ordinary shared-memory accesses around them.

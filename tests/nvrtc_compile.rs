@@ -54,9 +54,9 @@ fn every_kernel_compiles_to_ptx_for_compute_70_and_compute_90() {
             }
         }
     }
-    // The two attention families are the tensor-core users: their sm_70 PTX must hold the wmma products
+    // The attention families and InfoNCE are the tensor-core users: their sm_70 PTX must hold the wmma products
     // (Q·Kᵀ as row.col, P·V as row.row), or they silently fell back to scalar FMAs.
-    for family in ["attention", "masked_attention"] {
+    for family in ["attention", "masked_attention", "infonce"] {
         let (_, source) = SOURCES.iter().find(|(name, _)| *name == family).unwrap();
         let ptx = kernels::compile(nvrtc, family, source, Target::Ptx(70), &[]).unwrap();
         let ptx = String::from_utf8_lossy(&ptx.code);
@@ -79,7 +79,8 @@ fn every_kernel_assembles_for_sm_70_and_sm_90_without_spills() {
             for line in spill_lines {
                 assert!(
                     line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"),
-                    "{name}.cu, sm_{arch} spills registers: {line}"
+                    "{name}.cu, sm_{arch} spills registers: {line}\n{}",
+                    compiled.log
                 );
             }
             let unexpected: Vec<&str> =

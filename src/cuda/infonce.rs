@@ -16,6 +16,7 @@ use super::memory::{Dev, Layout};
 use super::ops::{covers, int};
 use crate::cpu::infonce::LossPositions;
 use anyhow::{Result, anyhow, bail, ensure};
+use half::f16;
 
 /// Embedding widths (d_out) the kernels are instantiated for.
 pub const INFONCE_WIDTHS: [usize; 2] = [32, 64];
@@ -263,6 +264,23 @@ impl InfoNceDev {
     pub fn columns(&self) -> usize {
         self.c_row.len()
     }
+
+    /// Floats of scratch [`Gpu::infonce`] needs at width `d`: see [`infonce_scratch_len`].
+    pub fn scratch_len(&self, d: usize) -> usize {
+        infonce_scratch_len(self.queries(), self.columns(), self.users, d)
+    }
+}
+
+/// Floats of scratch [`Gpu::infonce`] needs for `queries` queries and `columns` columns of `users` users at
+/// width `d`: g per query and a partial loss per user, then (from a 256-byte boundary) the hi and lo halves
+/// of the queries' and the columns' embeddings, each padded to whole tiles.
+pub fn infonce_scratch_len(queries: usize, columns: usize, users: usize, d: usize) -> usize {
+    split_offset(queries, users) + d * (queries.next_multiple_of(TILE) + columns.next_multiple_of(TILE))
+}
+
+/// Where the split halves start in the scratch, in floats.
+fn split_offset(queries: usize, users: usize) -> usize {
+    (queries + users).next_multiple_of(64)
 }
 
 fn kernel_names(d: usize) -> Option<[&'static str; 3]> {
@@ -273,10 +291,13 @@ fn kernel_names(d: usize) -> Option<[&'static str; 3]> {
     }
 }
 
-/// Dynamic shared memory of the passes for width d: two tiles of rows of d + 1 floats, and for the
-/// gradient passes the 64 × 65 tile of ∂L/∂s.
-fn shared_bytes(d: usize, gradient: bool) -> usize {
-    4 * (2 * TILE * (d + 1) + if gradient { TILE * (TILE + 1) } else { 0 })
+/// Dynamic shared memory of the tiled passes at width d (NceShared in infonce.cu): the hi and lo halves of
+/// a query and a column tile (rows of d + 8 halves), and one region for the fp32 score tile (rows of 80),
+/// the split probability tile (rows of 72 halves) or the block's fp32 gradient rows (rows of d + 4).
+fn shared_bytes(d: usize) -> usize {
+    let tiles = 4 * TILE * (d + 8) * 2;
+    let region = [TILE * 80 * 4, 2 * TILE * (TILE + 8) * 2, TILE * (d + 4) * 4].into_iter().max().unwrap_or(0);
+    tiles + region
 }
 
 impl Gpu {
@@ -290,33 +311,32 @@ impl Gpu {
         Ok(views)
     }
 
-    /// Raises the gradient passes' dynamic shared-memory limit where they need more than the default 48 KB
+    /// Raises the tiled passes' dynamic shared-memory limit where they need more than the default 48 KB
     /// and this GPU has it (otherwise [`Self::infonce`] refuses that width), once, when the GPU opens: not
     /// while a training step is being captured into a graph.
     pub(crate) fn configure_infonce(&self) -> Result<()> {
         use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
-        let shared = |d: usize| shared_bytes(d, true);
-        for d in INFONCE_WIDTHS.into_iter().filter(|&d| shared(d) > 48 * 1024 && shared(d) <= self.max_shared_per_block)
-        {
-            let Some([_, dq, dc]) = kernel_names(d) else { continue };
+        for d in INFONCE_WIDTHS {
+            let shared = shared_bytes(d);
+            let Some(names) = kernel_names(d).filter(|_| shared > 48 * 1024 && shared <= self.max_shared_per_block)
+            else {
+                continue;
+            };
             self.ctx.bind_to_thread()?;
-            for name in [dq, dc] {
-                self.kernels.get(name)?.set_attribute(MAX_SHARED, shared(d) as i32)?;
+            for name in names {
+                self.kernels.get(name)?.set_attribute(MAX_SHARED, shared as i32)?;
             }
         }
         Ok(())
-    }
-
-    /// Floats of scratch [`Self::infonce`] needs: g per query and a partial loss per user.
-    pub fn infonce_scratch_len(&self, batch: &InfoNceDev) -> usize {
-        batch.queries() + batch.users
     }
 
     /// The InfoNCE loss of the batch into `loss[0]`, N_q of every query into `lse`, and the gradients
     /// with respect to `users` (`[B, H, d]` fp32) and `items` (`[B, T, d]`) written (not accumulated) to
     /// `d_users` and `d_items`, zero at padded and unused rows, as `cpu::infonce::infonce` does, times the
     /// loss scale S that `weights` carries ([`infonce_weights`] on the device). `log_q` (one value per items
-    /// row) shifts every score when given.
+    /// row) shifts every score when given. `scratch` holds [`InfoNceDev::scratch_len`] floats from a 16-byte
+    /// boundary. The products run on tensor cores from embeddings split into pairs of halves, so every
+    /// value must lie within fp16's range (±65504), as unit-norm embeddings do by far.
     #[allow(clippy::too_many_arguments)]
     pub fn infonce(
         &self,
@@ -349,8 +369,8 @@ impl Gpu {
         }
         covers(&loss, 1, "infonce loss")?;
         covers(&lse, nq, "infonce lse")?;
-        covers(&scratch, self.infonce_scratch_len(batch), "infonce scratch")?;
-        let (g, loss_part) = (scratch.slice(0, nq), scratch.slice(nq, b));
+        covers(&scratch, batch.scratch_len(d), "infonce scratch")?;
+        ensure!(scratch.ptr().is_multiple_of(16), "infonce scratch: {scratch:?} does not start on a 16-byte boundary");
         self.fill_bytes(d_users.slice(0, nu * d), 0)?;
         self.fill_bytes(d_items.slice(0, ni * d), 0)?;
         self.fill_bytes(loss.slice(0, 1), 0)?;
@@ -359,7 +379,7 @@ impl Gpu {
         }
         // Above the default 48 KB at d = 64: the opt-in configure_infonce made, which every GPU from the V100
         // on grants.
-        let shared = shared_bytes(d, true);
+        let shared = shared_bytes(d);
         if shared > self.max_shared_per_block {
             bail!(
                 "cuda:{}: infonce needs {shared} bytes of shared memory per block; this GPU allows {}",
@@ -367,54 +387,69 @@ impl Gpu {
                 self.max_shared_per_block
             );
         }
+        let (nq_pad, nc_pad) = (nq.next_multiple_of(TILE), nc.next_multiple_of(TILE));
+        let (g, loss_part) = (scratch.slice(0, nq), scratch.slice(nq, b));
+        let halves = scratch.slice(split_offset(nq, b), d * (nq_pad + nc_pad)).cast::<f16>();
+        let (q_hi, q_lo) = (halves.slice(0, nq_pad * d), halves.slice(nq_pad * d, nq_pad * d));
+        let (c_hi, c_lo) =
+            (halves.slice(2 * nq_pad * d, nc_pad * d), halves.slice((2 * nq_pad + nc_pad) * d, nc_pad * d));
+        for (hi, lo, src, idx, n, n_pad) in
+            [(q_hi, q_lo, users, batch.q_row, nq, nq_pad), (c_hi, c_lo, items, batch.c_row, nc, nc_pad)]
+        {
+            let args = [
+                Arg::Ptr(hi.ptr()),
+                Arg::Ptr(lo.ptr()),
+                Arg::Ptr(src.ptr()),
+                Arg::Ptr(idx.ptr()),
+                Arg::I32(int(n, "infonce entries")?),
+                Arg::I32(int(n_pad, "infonce padded entries")?),
+                Arg::I32(d as i32),
+            ];
+            // SAFETY: hi and lo hold n_pad·d halves; every idx[r < n] is a row of src (covered above) or −1.
+            unsafe { self.launch("infonce_split", (self.grid_for(n_pad * d), 1), 256, 0, &args)? };
+        }
         let inv_tau = 1.0 / tau;
         let ptr = |x: Option<u64>| Arg::Ptr(x.unwrap_or(0));
         let log_q_arg = ptr(log_q.map(|l| l.ptr()));
         let ban_arg = ptr(batch.ban.map(|b| b.ptr()));
         let (nq_arg, nc_arg, words_arg) =
             (Arg::I32(int(nq, "queries")?), Arg::I32(int(nc, "columns")?), Arg::I32(int(batch.words, "words")?));
-        let (row_tiles, col_tiles) = (u32::try_from(nq.div_ceil(TILE))?, u32::try_from(nc.div_ceil(TILE))?);
-        let layout_args = [
-            Arg::Ptr(users.ptr()),
-            Arg::Ptr(items.ptr()),
-            log_q_arg,
-            Arg::Ptr(batch.q_row.ptr()),
-            Arg::Ptr(batch.q_user.ptr()),
-            Arg::Ptr(batch.c_row.ptr()),
-            Arg::Ptr(batch.c_user.ptr()),
-            ban_arg,
-        ];
-        let mut args = vec![Arg::Ptr(lse.ptr())];
-        args.extend(layout_args);
-        args.extend([nq_arg, nc_arg, words_arg, Arg::F32(inv_tau)]);
+        let (row_tiles, col_tiles) = (u32::try_from(nq_pad / TILE)?, u32::try_from(nc_pad / TILE)?);
+        let split = [Arg::Ptr(q_hi.ptr()), Arg::Ptr(q_lo.ptr()), Arg::Ptr(c_hi.ptr()), Arg::Ptr(c_lo.ptr()), log_q_arg];
+        let (q_row, q_user) = (Arg::Ptr(batch.q_row.ptr()), Arg::Ptr(batch.q_user.ptr()));
+        let columns = [Arg::Ptr(batch.c_row.ptr()), Arg::Ptr(batch.c_user.ptr()), ban_arg];
+        let sizes = [nq_arg, nc_arg, words_arg, Arg::F32(inv_tau)];
+        let (lse_arg, g_arg, weights_arg) = (Arg::Ptr(lse.ptr()), Arg::Ptr(g.ptr()), Arg::Ptr(weights.ptr()));
+        let lse_args: Vec<Arg> = [&[lse_arg][..], &split, &[q_user], &columns, &sizes].concat();
         // SAFETY (all four passes): the layout was built from this batch's lengths (rows below B·H and B·T or
-        // −1, users below B or −1, `words` words of bitmask per user) and every buffer covers what it indexes
-        // (checked above); the dynamic shared memory is what the kernels' tiles take.
-        unsafe { self.launch(lse_kernel, (row_tiles, 1), THREADS, shared_bytes(d, false) as u32, &args)? };
+        // −1, users below B or −1, `words` words of bitmask per user), every buffer covers what it indexes
+        // (checked above), the split halves cover whole tiles, and the dynamic shared memory is what the
+        // kernels' tiles take (they trap on less).
+        unsafe { self.launch(lse_kernel, (row_tiles, 1), THREADS, shared as u32, &lse_args)? };
         let args = [
             Arg::Ptr(d_users.ptr()),
             Arg::Ptr(d_items.ptr()),
-            Arg::Ptr(g.ptr()),
+            g_arg,
             Arg::Ptr(loss_part.ptr()),
             Arg::Ptr(users.ptr()),
             Arg::Ptr(items.ptr()),
             log_q_arg,
-            Arg::Ptr(batch.q_row.ptr()),
+            q_row,
             Arg::Ptr(batch.c_row.ptr()),
             Arg::Ptr(batch.q_start.ptr()),
             Arg::Ptr(batch.c_start.ptr()),
-            Arg::Ptr(lse.ptr()),
-            Arg::Ptr(weights.ptr()),
+            lse_arg,
+            weights_arg,
             Arg::I32(d as i32),
             Arg::F32(inv_tau),
         ];
         unsafe { self.launch("infonce_pos", (u32::try_from(b)?, 1), THREADS, 0, &args)? };
-        for (name, out, tiles) in [(dq_kernel, d_users, row_tiles), (dc_kernel, d_items, col_tiles)] {
-            let mut args = vec![Arg::Ptr(out.ptr())];
-            args.extend(layout_args);
-            args.extend([Arg::Ptr(lse.ptr()), Arg::Ptr(g.ptr()), nq_arg, nc_arg, words_arg, Arg::F32(inv_tau)]);
-            unsafe { self.launch(name, (tiles, 1), THREADS, shared as u32, &args)? };
-        }
+        let tail = [lse_arg, g_arg, weights_arg];
+        let dq_args: Vec<Arg> =
+            [&[Arg::Ptr(d_users.ptr())][..], &split, &[q_row, q_user], &columns, &tail, &sizes].concat();
+        unsafe { self.launch(dq_kernel, (row_tiles, 1), THREADS, shared as u32, &dq_args)? };
+        let dc_args: Vec<Arg> = [&[Arg::Ptr(d_items.ptr())][..], &split, &[q_user], &columns, &tail, &sizes].concat();
+        unsafe { self.launch(dc_kernel, (col_tiles, 1), THREADS, shared as u32, &dc_args)? };
         self.column_sums(loss, loss_part, b, 1).map_err(|e| anyhow!("infonce loss: {e}"))
     }
 }

@@ -34,6 +34,7 @@ pub const ENTRY_POINTS: &[(&str, &[&str])] = &[
     (
         "infonce",
         &[
+            "infonce_split",
             "infonce_pos",
             "infonce_lse_d32",
             "infonce_dq_d32",

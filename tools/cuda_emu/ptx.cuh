@@ -54,6 +54,12 @@ struct FragC { float x[16][16]; };  // [row][col]
 
 inline void zero_c(FragC& c) { memset(c.x, 0, sizeof c.x); }
 
+// Element-wise, so each lane updates its own copy of the tile.
+inline void axpy_c(FragC& c, float a, const FragC& x) {
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) c.x[i][j] = std::fma(a, x.x[i][j], c.x[i][j]);
+}
+
 // The warp's lanes all get what one lane (the first after the barrier) reads or computes: the
 // instructions take one address for the whole warp.
 template <class Frag, class Fill>

@@ -34,7 +34,7 @@ mod prepare;
 
 use super::Gpu;
 use super::bucket::{BucketKey, padded_rows};
-use super::infonce::{INFONCE_MAX_TARGETS, INFONCE_WIDTHS, infonce_weights};
+use super::infonce::{INFONCE_MAX_TARGETS, INFONCE_WIDTHS, infonce_scratch_len, infonce_weights};
 use super::memory::{Dev, DeviceBuffer, Layout, Pinned};
 use super::pch::{Activations, GpuPch, check_config};
 use super::train_ops::{AdamStats, AdamStep};
@@ -220,7 +220,8 @@ impl<'a> GpuTrainer<'a> {
         let n = state.params.flat().len();
         let o = cfg.d_out;
         let mut plan = Layout::default();
-        // At most one query per history row (a padded bucket's, or every row's without padding).
+        // At most one InfoNCE query per history row and one column per target row (a padded bucket's, or
+        // every row's without padding).
         let offsets = [
             plan.take::<f32>(n),
             plan.take::<f32>(n),
@@ -229,7 +230,7 @@ impl<'a> GpuTrainer<'a> {
             plan.take::<f32>(rows_h),
             plan.take::<f32>(rows_h * o),
             plan.take::<f32>(rows_t * o),
-            plan.take::<f32>(rows_h + b),
+            plan.take::<f32>(infonce_scratch_len(rows_h, rows_t, b, o)),
         ];
         let buffer = gpu.alloc(plan.bytes(), "the optimiser state and the loss buffers")?;
         let buffers = Buffers {
@@ -240,7 +241,7 @@ impl<'a> GpuTrainer<'a> {
             lse: buffer.view(offsets[4], rows_h),
             d_users: buffer.view(offsets[5], rows_h * o),
             d_items: buffer.view(offsets[6], rows_t * o),
-            nce_scratch: buffer.view(offsets[7], rows_h + b),
+            nce_scratch: buffer.view(offsets[7], infonce_scratch_len(rows_h, rows_t, b, o)),
             _buffer: buffer,
         };
         gpu.upload(buffers.m, &state.m)?;
