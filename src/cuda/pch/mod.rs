@@ -7,8 +7,8 @@
 //! item tower, both differentiated against the same parameters. Only the valid positions are computed,
 //! packed as the CPU reference packs them. Per layer:
 //! ```text
-//! qkv = x · Wqkvᵀ                      cuBLAS; the bias is added by the permute to the head-major q, k, v
-//! o = masked attention(q, k, v)        ctx = o with heads merged
+//! qkv = x · Wqkvᵀ                      cuBLAS, kept without its bias
+//! ctx = masked attention(qkv + bqkv)   reads q, k, v from qkv in place, adds the bias as it loads them
 //! x1 = LN(x + ctx · Woutᵀ + bout)      cuBLAS, then LayerNorm with the residual and bias fused
 //! g = gelu(x1 · Wupᵀ + bup)            cuBLAS, then the bias + GELU kernel
 //! y = LN(x1 + g · Wdownᵀ + bdown)
@@ -22,7 +22,7 @@ mod layout;
 pub use layout::GpuContent;
 
 use super::Gpu;
-use super::attention_train::AttnBatch;
+use super::attention_train::{AttnBatch, Qkv, RowTensor};
 use super::bucket::TowerShape;
 use super::memory::{Dev, DeviceBuffer, Layout};
 use crate::bail_input;
@@ -240,7 +240,7 @@ impl GpuPch {
             );
         }
         ensure!(batch.content.len() == s.rows * self.config.d_content, "GPU PCH: packed content of another shape");
-        let map = RowMap { valid: batch.valid, cu_seqlens: batch.cu_seqlens, rows: s.rows, seqs: s.seqs, len: s.len };
+        let map = RowMap { valid: batch.valid, rows: s.rows, seqs: s.seqs, len: s.len };
         let attn = AttnBatch {
             cu_seqlens: batch.cu_seqlens,
             tiles: batch.tiles,
@@ -255,7 +255,7 @@ impl GpuPch {
     /// The forward pass proper, over tables and content already on the device.
     fn run_forward(&self, gpu: &Gpu, acts: &mut Activations, pass: Pass) -> Result<Dev<f32>> {
         let cfg = &self.config;
-        let (d, f, o, heads) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads);
+        let (d, f, o) = (cfg.d_model, cfg.d_ff, cfg.d_out);
         let (map, attn, mask) = (pass.map, pass.attn, pass.mask);
         let (a, rows, eps) = (&acts.arena, map.rows, cfg.ln_eps as f32);
 
@@ -265,13 +265,9 @@ impl GpuPch {
         gpu.blas.a_bt(x0, pass.input, self.p16(self.adaptor_w), rows, d, cfg.d_content, true)?;
 
         for (l, (w, c)) in self.layers.iter().zip(&a.layers).enumerate() {
-            gpu.blas.a_bt(a.qkv, c.x, self.p16(w.qkv_w), rows, 3 * d, d, false)?;
-            for (part, dst) in [c.q, c.k, c.v].into_iter().enumerate() {
-                let bias = self.p32(w.qkv_b).slice(part * d, d);
-                gpu.rows_to_heads(dst, a.qkv, Some(bias), &map, heads, 3 * d, part * d)?;
-            }
-            gpu.masked_attention_fwd(c.o, c.lse, c.q, c.k, c.v, &attn, mask)?;
-            gpu.heads_to_rows(c.ctx, c.o, &map, heads, d, 0)?;
+            gpu.blas.a_bt(c.qkv, c.x, self.p16(w.qkv_w), rows, 3 * d, d, false)?;
+            let qkv = Qkv { proj: RowTensor::new(c.qkv, 3 * d), bias: Some(self.p32(w.qkv_b)) };
+            gpu.masked_attention_fwd(RowTensor::new(c.ctx, d), c.lse, qkv, &attn, mask)?;
             gpu.blas.a_bt(a.proj, c.ctx, self.p16(w.out_w), rows, d, d, false)?;
             let (nw, nb, bias) = (self.p32(w.attn_norm_w), self.p32(w.attn_norm_b), self.p32(w.out_b));
             gpu.layernorm_fwd(c.x1, c.xhat1, c.rstd1, c.x, Some(a.proj), Some(bias), nw, nb, rows, d, eps)?;
