@@ -9,7 +9,6 @@
 //! ones) and o + h + 1 floats, plus the reduction partials (at most 4 · multiprocessors · max(3·d, f)
 //! floats) and the batch tables.
 
-use super::layout::RowMap;
 use crate::cuda::Gpu;
 use crate::cuda::attention_train::AttnBatch;
 use crate::cuda::memory::{Dev, DeviceBuffer, Layout};
@@ -165,10 +164,8 @@ impl Arena {
         self._buffer.bytes()
     }
 
-    /// The row map and attention batch of a packed batch whose tables are in the arena.
-    pub fn batch(&self, rows: usize, seqs: usize, len: usize, heads: usize, num_tiles: usize) -> (RowMap, AttnBatch) {
-        let map = RowMap { valid: self.valid, rows, seqs, len };
-        let attn = AttnBatch { cu_seqlens: self.cu_seqlens, tiles: self.tiles, num_tiles, seqs, rows, heads };
-        (map, attn)
+    /// The attention batch of a packed batch whose offsets and tiles are in the arena.
+    pub fn attn(&self, rows: usize, seqs: usize, heads: usize, num_tiles: usize) -> AttnBatch {
+        AttnBatch { cu_seqlens: self.cu_seqlens, tiles: self.tiles, num_tiles, seqs, rows, heads }
     }
 }

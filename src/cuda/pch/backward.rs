@@ -21,7 +21,7 @@ impl GpuPch {
     pub fn backward(&self, gpu: &Gpu, acts: &Activations, d_out: Dev<f32>) -> Result<()> {
         let Some(pass) = acts.pass else { bail_input!("GPU PCH backward: no forward pass to differentiate") };
         let cfg = &self.config;
-        let (d, f, o, rows) = (cfg.d_model, cfg.d_ff, cfg.d_out, pass.map.rows);
+        let (d, f, o, rows) = (cfg.d_model, cfg.d_ff, cfg.d_out, pass.attn.rows);
         if d_out.len() != rows * o {
             bail_input!("GPU PCH backward: d_out holds {} values, expected {rows} × {o}", d_out.len());
         }
