@@ -13,7 +13,7 @@ use learn_kern::cpu;
 use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
 use learn_kern::cpu::masked_attention::{Heads, MaskKind, Varlen};
 use learn_kern::cuda::Gpu;
-use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM};
+use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM, Qkv, RowTensor};
 use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows, infonce_weights};
 use learn_kern::cuda::memory::{Dev, DeviceBuffer};
 use learn_kern::cuda::ops::{attention_tiles, packed_offsets};
@@ -708,6 +708,46 @@ fn causal_lse(q: &[f64], k: &[f64], lengths: &[usize], heads: usize) -> Vec<f64>
     lse
 }
 
+/// `data` (`[rows, width]`) on the device as columns `col ..` of rows of `stride` halves, every other column
+/// NaN: a kernel that reads outside its columns shows in its outputs.
+fn rows_among_nan(gpu: &Gpu, data: &[f16], width: usize, col: usize, stride: usize) -> (DeviceBuffer, RowTensor) {
+    let mut all = vec![f16::NAN; data.len() / width * stride];
+    for (row, src) in all.chunks_mut(stride).zip(data.chunks(width)) {
+        row[col..col + width].copy_from_slice(src);
+    }
+    let (buf, view) = upload(gpu, &all);
+    (buf, RowTensor { buf: view, stride, col })
+}
+
+/// A poisoned row-major output: `rows` rows of `stride` halves, the kernel's columns from `col`.
+fn poisoned_rows(gpu: &Gpu, rows: usize, col: usize, stride: usize) -> (DeviceBuffer, RowTensor) {
+    let (buf, view) = poisoned::<f16>(gpu, rows * stride);
+    (buf, RowTensor { buf: view, stride, col })
+}
+
+/// Columns `col .. col + width` of a row-major output, `[rows, width]`, after checking that every other
+/// column and the guard after the buffer still hold the poison.
+fn read_columns(gpu: &Gpu, buf: &DeviceBuffer, t: RowTensor, width: usize, what: &str) -> Vec<f16> {
+    let all = read(gpu, buf, t.buf, what);
+    let mut got = Vec::with_capacity(all.len() / t.stride * width);
+    for (r, row) in all.chunks(t.stride).enumerate() {
+        let outside = row.iter().enumerate().filter(|(c, _)| !(t.col..t.col + width).contains(c));
+        for (c, v) in outside {
+            assert_eq!(v.to_bits(), 0xffff, "{what}: row {r}, column {c} is not the kernel's but was written");
+        }
+        got.extend_from_slice(&row[t.col..t.col + width]);
+    }
+    got
+}
+
+/// Head-major (as the CPU reference lays it out) columns `col .. col + heads·64` of row-major `rows`.
+fn heads_of<T: Copy + Into<f64>>(rows: &[T], stride: usize, col: usize, seqs: &Varlen, hd: Heads) -> Vec<f64> {
+    let wide: Vec<f64> = rows.iter().map(|&v| v.into()).collect();
+    let mut heads = vec![f64::NAN; seqs.rows() * hd.count * hd.dim];
+    cpu::masked_attention::to_heads(&mut heads, &wide, stride, col, seqs, hd);
+    heads
+}
+
 #[test]
 fn masked_attention_forward_and_backward_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
@@ -723,22 +763,27 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
             let empty = i % 2 * 5;
             let what = format!("masked attention {mask:?}, {heads} heads, lengths {lengths:?}, {empty} empty tiles");
             let (_keep, batch) = attention_batch(&gpu, lengths, heads, empty);
-            let n = batch.elements();
-            let lanes = batch.rows * heads;
-            let [q, k, v, dout] = [2.0, 2.0, 1.0, 1.0].map(|scale| f16s(&uniform(&mut rng, n, scale)));
-            let (_q, q_dev) = upload(&gpu, &q);
-            let (_k, k_dev) = upload(&gpu, &k);
-            let (_v, v_dev) = upload(&gpu, &v);
-            let (_g, dout_dev) = upload(&gpu, &dout);
-            let (out_buf, out) = poisoned::<f16>(&gpu, n);
+            let (rows, d, lanes) = (batch.rows, batch.width(), batch.rows * heads);
+            let (seqs, hd) = (Varlen::new(lengths), Heads { count: heads, dim: dh });
+            // Row-major inputs between NaN columns, each with its own column offset and stride, and a
+            // nonzero QKV bias, which the kernels add as fp16(x + b).
+            let proj = f16s(&uniform(&mut rng, rows * 3 * d, 2.0));
+            let bias = uniform(&mut rng, 3 * d, 0.5);
+            let dout = f16s(&uniform(&mut rng, rows * d, 1.0));
+            let (_p, proj_dev) = rows_among_nan(&gpu, &proj, 3 * d, 8, 3 * d + 24);
+            let (_b, bias_dev) = upload(&gpu, &bias);
+            let qkv = Qkv { proj: proj_dev, bias: Some(bias_dev) };
+            let (_g, dout_dev) = rows_among_nan(&gpu, &dout, d, 16, d + 16);
+            let (out_buf, out) = poisoned_rows(&gpu, rows, 24, d + 40);
             let (lse_buf, lse) = poisoned::<f32>(&gpu, lanes);
-            gpu.masked_attention_fwd(out, lse, q_dev, k_dev, v_dev, &batch, mask).unwrap();
-            let got_out = widen(&read(&gpu, &out_buf, out, "attention out"));
+            gpu.masked_attention_fwd(out, lse, qkv, &batch, mask).unwrap();
+            let got_out_rows = read_columns(&gpu, &out_buf, out, d, "attention out");
 
-            let wide = |x: &[f16]| f64s(&widen(x));
-            let (q64, k64, v64, dout64) = (wide(&q), wide(&k), wide(&v), wide(&dout));
-            let seqs = Varlen::new(lengths);
-            let hd = Heads { count: heads, dim: dh };
+            let biased: Vec<f16> =
+                proj.iter().enumerate().map(|(i, x)| f16::from_f32(x.to_f32() + bias[i % (3 * d)])).collect();
+            let [q64, k64, v64] = [0, 1, 2].map(|part| heads_of(&biased, 3 * d, part * d, &seqs, hd));
+            let dout64 = heads_of(&dout, d, 0, &seqs, hd);
+            let n = rows * d;
             let (mut want_out, mut probs) = (vec![f64::NAN; n], vec![f64::NAN; seqs.prob_len(heads)]);
             cpu::masked_attention::forward(&mut want_out, &mut probs, &q64, &k64, &v64, None, &seqs, hd, mask);
             let (mut want_dq, mut want_dk, mut want_dv) = (vec![f64::NAN; n], vec![f64::NAN; n], vec![f64::NAN; n]);
@@ -756,37 +801,48 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
                 hd,
             );
 
-            let (dq_buf, dq) = poisoned::<f16>(&gpu, n);
-            let (dk_buf, dk) = poisoned::<f16>(&gpu, n);
-            let (dv_buf, dv) = poisoned::<f16>(&gpu, n);
+            let (dqkv_buf, dqkv) = poisoned_rows(&gpu, rows, 16, 3 * d + 40);
             let (_d, delta) = poisoned::<f32>(&gpu, lanes);
-            let backward = || {
-                gpu.masked_attention_bwd(dq, dk, dv, delta, dout_dev, out, q_dev, k_dev, v_dev, lse, &batch, mask)
-                    .unwrap();
-                [(&dq_buf, dq, "dq"), (&dk_buf, dk, "dk"), (&dv_buf, dv, "dv")]
-                    .map(|(buf, view, name)| widen(&read(&gpu, buf, view, name)))
+            let backward = |qkv: Qkv| {
+                gpu.masked_attention_bwd(dqkv, delta, dout_dev, out, qkv, lse, &batch, mask).unwrap();
+                read_columns(&gpu, &dqkv_buf, dqkv, 3 * d, "attention dq, dk, dv")
             };
-            let [got_dq, got_dk, got_dv] = backward();
+            let got_dqkv = backward(qkv);
+            let [got_dq, got_dk, got_dv] = [0, 1, 2].map(|part| heads_of(&got_dqkv, 3 * d, part * d, &seqs, hd));
+            let got_out = heads_of(&got_out_rows, d, 0, &seqs, hd);
+            let narrow = |x: &[f64]| -> Vec<f32> { x.iter().map(|&v| v as f32).collect() };
             if mask == MaskKind::Diagonal {
                 // p = 1 exactly: out = v, dv = dout, dq = dk = 0, bit for bit as the reference.
                 let exact = |_: f64| 0.0;
-                assert_close(&got_out, &want_out, exact, &format!("{what} out"));
-                assert_close(&got_dq, &want_dq, exact, &format!("{what} dq"));
-                assert_close(&got_dk, &want_dk, exact, &format!("{what} dk"));
-                assert_close(&got_dv, &want_dv, exact, &format!("{what} dv"));
+                assert_close(&narrow(&got_out), &want_out, exact, &format!("{what} out"));
+                assert_close(&narrow(&got_dq), &want_dq, exact, &format!("{what} dq"));
+                assert_close(&narrow(&got_dk), &want_dk, exact, &format!("{what} dk"));
+                assert_close(&narrow(&got_dv), &want_dv, exact, &format!("{what} dv"));
                 continue;
             }
             // P and dS are rounded to fp16 for the tensor cores: errors of a few fp16 ulps of the largest value.
-            assert_close(&got_out, &want_out, scaled_f16_tol(&want_out, 2e-3), &format!("{what} out"));
+            assert_close(&narrow(&got_out), &want_out, scaled_f16_tol(&want_out, 2e-3), &format!("{what} out"));
             let got_lse = read(&gpu, &lse_buf, lse, "attention lse");
             let want_lse = causal_lse(&q64, &k64, lengths, heads);
             assert_close(&got_lse, &want_lse, |w| 1e-5 * (w.abs() + 1.0), &format!("{what} lse"));
             for (got, want, name) in [(&got_dq, &want_dq, "dq"), (&got_dk, &want_dk, "dk"), (&got_dv, &want_dv, "dv")] {
-                assert_close(got, want, scaled_f16_tol(want, 4e-3), &format!("{what} {name}"));
+                assert_close(&narrow(got), want, scaled_f16_tol(want, 4e-3), &format!("{what} {name}"));
             }
             // No atomics: the backward repeats bit for bit.
-            let again = backward();
-            assert!(again == [got_dq, got_dk, got_dv], "{what}: a second backward differs");
+            let bits = |x: &[f16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&backward(qkv)) == bits(&got_dqkv), "{what}: a second backward differs");
+            // The bias added as a tile loads rounds as adding it to the stored projection first (what the
+            // permutes before these kernels did): the same bits from the biased projection and no bias.
+            let (_q, plain) = rows_among_nan(&gpu, &biased, 3 * d, 0, 3 * d);
+            let plain = Qkv { proj: plain, bias: None };
+            let (again_buf, again) = poisoned_rows(&gpu, rows, 24, d + 40);
+            gpu.masked_attention_fwd(again, lse, plain, &batch, mask).unwrap();
+            let again_out = read_columns(&gpu, &again_buf, again, d, "attention out");
+            assert!(bits(&again_out) == bits(&got_out_rows), "{what}: out differs with the bias added first");
+            let lse_bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let again_lse = read(&gpu, &lse_buf, lse, "attention lse");
+            assert!(lse_bits(&again_lse) == lse_bits(&got_lse), "{what}: lse differs with the bias added first");
+            assert!(bits(&backward(plain)) == bits(&got_dqkv), "{what}: dq, dk, dv differ with the bias added first");
         }
     }
 }
@@ -795,17 +851,38 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
 fn masked_attention_rejects_bad_shapes() {
     let Some(gpu) = gpu() else { return };
     let (_keep, batch) = attention_batch(&gpu, &[3, 70], 2, 0);
-    let n = batch.elements();
-    let (_b, buf) = poisoned::<f16>(&gpu, n + 8);
-    let (_l, lse) = poisoned::<f32>(&gpu, batch.rows * 2);
-    let t = buf.slice(0, n);
-    let fwd = |out: Dev<f16>, batch: &AttnBatch| gpu.masked_attention_fwd(out, lse, t, t, t, batch, MaskKind::Causal);
-    assert!(fwd(buf.slice(0, n - 1), &batch).is_err(), "a short output");
-    assert!(fwd(buf.slice(1, n), &batch).is_err(), "an output off the 16-byte boundary");
-    assert!(fwd(t, &AttnBatch { heads: 0, ..batch }).is_err(), "no heads");
-    assert!(fwd(t, &AttnBatch { num_tiles: batch.num_tiles + 1, ..batch }).is_err(), "more tiles than uploaded");
-    assert!(fwd(t, &AttnBatch { rows: batch.rows + 1, ..batch }).is_err(), "more rows than the tensors hold");
-    assert!(gpu.masked_attention_fwd(t, lse.slice(0, 1), t, t, t, &batch, MaskKind::Causal).is_err(), "short lse");
-    let bwd = gpu.masked_attention_bwd(t, t, t, lse.slice(0, 1), t, t, t, t, t, lse, &batch, MaskKind::Causal);
-    assert!(bwd.is_err(), "a short delta");
+    let (rows, d) = (batch.rows, batch.width());
+    let (_b, buf) = poisoned::<f16>(&gpu, rows * 3 * d + 8);
+    let (_l, lse) = poisoned::<f32>(&gpu, rows * 2);
+    let (_f, bias) = poisoned::<f32>(&gpu, 3 * d + 4);
+    let rows_of = |len: usize, stride: usize| RowTensor::new(buf.slice(0, len), stride);
+    let (out, proj) = (rows_of(rows * d, d), rows_of(rows * 3 * d, 3 * d));
+    let qkv = Qkv { proj, bias: Some(bias.slice(0, 3 * d)) };
+    let fwd =
+        |out: RowTensor, qkv: Qkv, batch: &AttnBatch| gpu.masked_attention_fwd(out, lse, qkv, batch, MaskKind::Causal);
+    assert!(fwd(rows_of(rows * d - 1, d), qkv, &batch).is_err(), "a short output");
+    assert!(fwd(RowTensor::new(buf.slice(1, rows * d), d), qkv, &batch).is_err(), "an output off the 16-byte boundary");
+    assert!(fwd(RowTensor { col: 8, ..out }, qkv, &batch).is_err(), "output columns past the row");
+    // Rows with room to spare, so that only the alignment is wrong.
+    let (_w, spare) = poisoned::<f16>(&gpu, rows * (d + 8));
+    let wide = |stride: usize, col: usize| RowTensor { buf: spare, stride, col };
+    assert!(fwd(wide(d + 8, 8), qkv, &batch).is_ok(), "spare columns are fine");
+    assert!(fwd(wide(d + 8, 4), qkv, &batch).is_err(), "a column off 16 bytes");
+    assert!(fwd(wide(d + 4, 0), qkv, &batch).is_err(), "a stride off 16 bytes");
+    let short = Qkv { proj: rows_of(rows * 3 * d - 1, 3 * d), ..qkv };
+    assert!(fwd(out, short, &batch).is_err(), "a short projection");
+    assert!(fwd(out, Qkv { proj: rows_of(rows * 3 * d, 2 * d), ..qkv }, &batch).is_err(), "no room for V");
+    assert!(fwd(out, Qkv { bias: Some(bias.slice(0, 3 * d - 1)), ..qkv }, &batch).is_err(), "a short bias");
+    let off = Qkv { bias: Some(bias.slice(1, 3 * d)), ..qkv };
+    assert!(fwd(out, off, &batch).is_err(), "a bias off the 16-byte boundary");
+    assert!(fwd(out, qkv, &AttnBatch { heads: 0, ..batch }).is_err(), "no heads");
+    assert!(fwd(out, qkv, &AttnBatch { num_tiles: batch.num_tiles + 1, ..batch }).is_err(), "more tiles than uploaded");
+    assert!(fwd(out, qkv, &AttnBatch { rows: batch.rows + 1, ..batch }).is_err(), "more rows than the tensors hold");
+    assert!(gpu.masked_attention_fwd(out, lse.slice(0, 1), qkv, &batch, MaskKind::Causal).is_err(), "short lse");
+    let bwd = |dqkv: RowTensor, delta: Dev<f32>, dout: RowTensor| {
+        gpu.masked_attention_bwd(dqkv, delta, dout, out, qkv, lse, &batch, MaskKind::Causal)
+    };
+    assert!(bwd(proj, lse.slice(0, 1), out).is_err(), "a short delta");
+    assert!(bwd(rows_of(rows * 3 * d - 1, 3 * d), lse, out).is_err(), "a short dq, dk, dv");
+    assert!(bwd(proj, lse, rows_of(rows * d - 1, d)).is_err(), "a short dout");
 }

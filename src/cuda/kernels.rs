@@ -50,7 +50,7 @@ pub const ENTRY_POINTS: &[(&str, &[&str])] = &[
         "masked_attention",
         &["masked_attention_fwd", "masked_attention_bwd_dq", "masked_attention_bwd_dkdv", "masked_attention_diag"],
     ),
-    ("pch_layout", &["pack_rows_f32", "pack_rows_f16", "rows_to_heads", "heads_to_rows"]),
+    ("pch_layout", &["pack_rows_f32", "pack_rows_f16"]),
     ("pool", &["final_norm_pool"]),
     ("reduce", &["column_sums"]),
     ("rmsnorm", &["rmsnorm_residual"]),

@@ -1,13 +1,14 @@
 //! The activation arena of [`super::GpuPch`]: one device allocation sized from the largest batch (rows
 //! and sequences), carved into every buffer the forward keeps for the backward and the backward's scratch.
 //!
-//! Per packed row, with d = d_model, f = d_ff, h = n_heads, c = d_content, o = d_out:
-//! each layer keeps 9·d + 2·f halves (x, q, k, v, attention out, ctx, xhat1, x1, xhat2; u, g) and h + 2
-//! floats (lse, two rstd); the buffers all layers share take c + 11·d + f + 2·o + 1 halves (input, last,
-//! QKV, projection, head, backward gradients, ones) and o + h + 1 floats, plus the reduction partials
-//! (at most 4 · multiprocessors · max(3·d, f) floats) and the batch tables.
+//! Everything is row-major `[rows, ·]`: the masked attention reads q, k, v from the QKV projection and writes
+//! its output and gradients in place, so no head-major copy is kept. Per packed row, with d = d_model,
+//! f = d_ff, h = n_heads, c = d_content, o = d_out: each layer keeps 8·d + 2·f halves (x, the bias-free QKV
+//! projection (3·d), ctx, xhat1, x1, xhat2; u, g) and h + 2 floats (lse, two rstd); the buffers all layers
+//! share take c + 8·d + f + 2·o + 1 halves (input, last, dQKV (3·d), projection, head, backward gradients,
+//! ones) and o + h + 1 floats, plus the reduction partials (at most 4 · multiprocessors · max(3·d, f)
+//! floats) and the batch tables.
 
-use super::layout::RowMap;
 use crate::cuda::Gpu;
 use crate::cuda::attention_train::AttnBatch;
 use crate::cuda::memory::{Dev, DeviceBuffer, Layout};
@@ -15,17 +16,15 @@ use crate::pch::PchConfig;
 use anyhow::Result;
 use half::f16;
 
-/// What one layer's forward keeps, all `[rows, ·]` packed (q, k, v, o head-major).
+/// What one layer's forward keeps, all `[rows, ·]` packed.
 pub(super) struct LayerActs {
     /// The layer input (the adaptor output for layer 0).
     pub x: Dev<f16>,
-    pub q: Dev<f16>,
-    pub k: Dev<f16>,
-    pub v: Dev<f16>,
-    /// The attention output, head-major: the causal backward reads it.
-    pub o: Dev<f16>,
+    /// The QKV projection `[rows, 3d]` without its bias, which the attention adds as it reads q, k, v.
+    pub qkv: Dev<f16>,
+    /// The attention's log-sum-exp per (row, head), for its backward.
     pub lse: Dev<f32>,
-    /// The attention output, heads merged: the output projection's input.
+    /// The attention output `[rows, d]`: the output projection's input, and the causal backward's.
     pub ctx: Dev<f16>,
     pub xhat1: Dev<f16>,
     pub rstd1: Dev<f32>,
@@ -49,8 +48,8 @@ pub(super) struct Arena {
     pub layers: Vec<LayerActs>,
     /// The last layer's output, the head's input.
     pub last: Dev<f16>,
-    /// The QKV projection `[rows, 3d]` (forward), then its gradient (backward).
-    pub qkv: Dev<f16>,
+    /// The gradient of the QKV projection `[rows, 3d]`, which the attention backward writes (backward).
+    pub dqkv: Dev<f16>,
     /// The output and down projections before their residual add (forward).
     pub proj: Dev<f16>,
     /// The head before normalisation, the outputs and their norms.
@@ -63,9 +62,6 @@ pub(super) struct Arena {
     pub d_mid: Dev<f16>,
     pub d_proj: Dev<f16>,
     pub dg: Dev<f16>,
-    pub dq: Dev<f16>,
-    pub dk: Dev<f16>,
-    pub dv: Dev<f16>,
     pub delta: Dev<f32>,
     /// Two-pass reduction partials, for the largest of the LayerNorm, GELU and L2 reductions.
     pub partials: Dev<f32>,
@@ -105,11 +101,11 @@ impl Arena {
             (0..cfg.n_layers).map(|_| [take_f(&mut plan, r * h), take_f(&mut plan, r), take_f(&mut plan, r)]).collect();
         let shared: Vec<usize> = [r, r * cfg.d_content, r * d, r * 3 * d, r * d, r * o, r * o, r * d, r * d, r * d]
             .into_iter()
-            .chain([r * f, r * d, r * d, r * d])
+            .chain([r * f])
             .map(|n| take_h(&mut plan, n))
             .collect();
         let layer_halves: Vec<Vec<usize>> = (0..cfg.n_layers)
-            .map(|_| [d, d, d, d, d, d, d, d, f, f, d].into_iter().map(|w| take_h(&mut plan, r * w)).collect())
+            .map(|_| [d, 3 * d, d, d, d, f, f, d].into_iter().map(|w| take_h(&mut plan, r * w)).collect())
             .collect();
         let buffer = gpu.alloc(plan.bytes(), "the PCH activation arena")?;
         // NaN everywhere (0xff bytes in fp16 and fp32): a kernel that reads what no pass wrote shows in the
@@ -122,16 +118,13 @@ impl Arena {
             .zip(&layer_floats)
             .map(|(hs, fs)| LayerActs {
                 x: hv(hs[0]),
-                q: hv(hs[1]),
-                k: hv(hs[2]),
-                v: hv(hs[3]),
-                o: hv(hs[4]),
-                ctx: hv(hs[5]),
-                xhat1: hv(hs[6]),
-                x1: hv(hs[7]),
-                u: hv(hs[8]),
-                g: hv(hs[9]),
-                xhat2: hv(hs[10]),
+                qkv: hv(hs[1]),
+                ctx: hv(hs[2]),
+                xhat1: hv(hs[3]),
+                x1: hv(hs[4]),
+                u: hv(hs[5]),
+                g: hv(hs[6]),
+                xhat2: hv(hs[7]),
                 lse: fv(fs[0]),
                 rstd1: fv(fs[1]),
                 rstd2: fv(fs[2]),
@@ -146,7 +139,7 @@ impl Arena {
             input: s(1),
             layers,
             last: s(2),
-            qkv: s(3),
+            dqkv: s(3),
             proj: s(4),
             z: s(5),
             dz: s(6),
@@ -154,9 +147,6 @@ impl Arena {
             d_mid: s(8),
             d_proj: s(9),
             dg: s(10),
-            dq: s(11),
-            dk: s(12),
-            dv: s(13),
             out: fv(f_out),
             norms: fv(f_norms),
             delta: fv(f_delta),
@@ -174,10 +164,8 @@ impl Arena {
         self._buffer.bytes()
     }
 
-    /// The row map and attention batch of a packed batch whose tables are in the arena.
-    pub fn batch(&self, rows: usize, seqs: usize, len: usize, heads: usize, num_tiles: usize) -> (RowMap, AttnBatch) {
-        let map = RowMap { valid: self.valid, cu_seqlens: self.cu_seqlens, rows, seqs, len };
-        let attn = AttnBatch { cu_seqlens: self.cu_seqlens, tiles: self.tiles, num_tiles, seqs, rows, heads };
-        (map, attn)
+    /// The attention batch of a packed batch whose offsets and tiles are in the arena.
+    pub fn attn(&self, rows: usize, seqs: usize, heads: usize, num_tiles: usize) -> AttnBatch {
+        AttnBatch { cu_seqlens: self.cu_seqlens, tiles: self.tiles, num_tiles, seqs, rows, heads }
     }
 }

@@ -9,6 +9,7 @@
 use super::{Activations, GpuPch};
 use crate::bail_input;
 use crate::cuda::Gpu;
+use crate::cuda::attention_train::{Qkv, RowTensor};
 use crate::cuda::memory::Dev;
 use crate::pch::NORMALIZE_EPS;
 use anyhow::Result;
@@ -20,11 +21,11 @@ impl GpuPch {
     pub fn backward(&self, gpu: &Gpu, acts: &Activations, d_out: Dev<f32>) -> Result<()> {
         let Some(pass) = acts.pass else { bail_input!("GPU PCH backward: no forward pass to differentiate") };
         let cfg = &self.config;
-        let (d, f, o, heads, rows) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads, pass.map.rows);
+        let (d, f, o, rows) = (cfg.d_model, cfg.d_ff, cfg.d_out, pass.attn.rows);
         if d_out.len() != rows * o {
             bail_input!("GPU PCH backward: d_out holds {} values, expected {rows} × {o}", d_out.len());
         }
-        let (map, attn) = (pass.map, pass.attn);
+        let attn = pass.attn;
         let a = &acts.arena;
         let blas = &gpu.blas;
 
@@ -53,16 +54,15 @@ impl GpuPch {
             gpu.layernorm_bwd(a.d_res, gw, gb, gbias, a.d_mid, Some(a.d_proj), xhat, rstd, nw, a.partials, rows, d)?;
             blas.at_b_acc(self.grad(w.out_w), a.d_res, c.ctx, d, d, rows)?;
             blas.a_b(a.d_proj, a.d_res, self.p16(w.out_w), rows, d, d, false)?;
-            gpu.rows_to_heads(a.d_mid, a.d_proj, None, &map, heads, d, 0)?;
-            let (o_heads, q, k, v) = (c.o, c.q, c.k, c.v);
-            gpu.masked_attention_bwd(a.dq, a.dk, a.dv, a.delta, a.d_mid, o_heads, q, k, v, c.lse, &attn, pass.mask)?;
-            for (part, src) in [a.dq, a.dk, a.dv].into_iter().enumerate() {
-                gpu.heads_to_rows(a.qkv, src, &map, heads, 3 * d, part * d)?;
-            }
-            blas.at_b_acc(self.grad(w.qkv_b), a.ones, a.qkv, 1, 3 * d, rows)?;
-            blas.at_b_acc(self.grad(w.qkv_w), a.qkv, c.x, 3 * d, d, rows)?;
+            // The attention reads dout (d_proj), its output and the projection in place and writes dQKV.
+            let qkv = Qkv { proj: RowTensor::new(c.qkv, 3 * d), bias: Some(self.p32(w.qkv_b)) };
+            let (dqkv, dout, ctx) =
+                (RowTensor::new(a.dqkv, 3 * d), RowTensor::new(a.d_proj, d), RowTensor::new(c.ctx, d));
+            gpu.masked_attention_bwd(dqkv, a.delta, dout, ctx, qkv, c.lse, &attn, pass.mask)?;
+            blas.at_b_acc(self.grad(w.qkv_b), a.ones, a.dqkv, 1, 3 * d, rows)?;
+            blas.at_b_acc(self.grad(w.qkv_w), a.dqkv, c.x, 3 * d, d, rows)?;
             let (dst, add) = if l == 0 { (a.d_res, true) } else { (a.d_proj, false) };
-            blas.a_b(dst, a.qkv, self.p16(w.qkv_w), rows, d, 3 * d, add)?;
+            blas.a_b(dst, a.dqkv, self.p16(w.qkv_w), rows, d, 3 * d, add)?;
         }
 
         // The adaptor, from the full gradient of its output.

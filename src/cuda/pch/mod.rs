@@ -7,8 +7,8 @@
 //! item tower, both differentiated against the same parameters. Only the valid positions are computed,
 //! packed as the CPU reference packs them. Per layer:
 //! ```text
-//! qkv = x · Wqkvᵀ                      cuBLAS; the bias is added by the permute to the head-major q, k, v
-//! o = masked attention(q, k, v)        ctx = o with heads merged
+//! qkv = x · Wqkvᵀ                      cuBLAS, kept without its bias
+//! ctx = masked attention(qkv + bqkv)   reads q, k, v from qkv in place, adds the bias as it loads them
 //! x1 = LN(x + ctx · Woutᵀ + bout)      cuBLAS, then LayerNorm with the residual and bias fused
 //! g = gelu(x1 · Wupᵀ + bup)            cuBLAS, then the bias + GELU kernel
 //! y = LN(x1 + g · Wdownᵀ + bdown)
@@ -22,7 +22,7 @@ mod layout;
 pub use layout::GpuContent;
 
 use super::Gpu;
-use super::attention_train::AttnBatch;
+use super::attention_train::{AttnBatch, Qkv, RowTensor};
 use super::bucket::TowerShape;
 use super::memory::{Dev, DeviceBuffer, Layout};
 use crate::bail_input;
@@ -47,20 +47,19 @@ type LayerSlots = LayerTensors<Slot>;
 #[derive(Clone, Copy, Debug)]
 struct Pass {
     /// The packed fp16 content the adaptor read: the arena's copy, or the caller's packed content, which
-    /// must then stay as it is until the backward, as must the tables of `map` and `attn`.
+    /// must then stay as it is until the backward, as must the tables of `attn`.
     input: Dev<f16>,
-    map: RowMap,
+    /// The batch's offsets and tiles, and its rows.
     attn: AttnBatch,
     mask: MaskKind,
 }
 
 /// A packed batch whose tables are on the device already, where the trainer's staging put them with its
-/// content: `content` `[rows, d_content]` fp16, and the row map and attention tiles of `shape` as
+/// content: `content` `[rows, d_content]` fp16, and the sequence offsets and attention tiles of `shape` as
 /// [`TowerShape::tables`] builds them, which the kernels trust (so only the crate makes one).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PackedBatch {
     pub content: Dev<f16>,
-    pub valid: Dev<i32>,
     pub cu_seqlens: Dev<i32>,
     pub tiles: Dev<[i32; 2]>,
     pub shape: TowerShape,
@@ -96,7 +95,7 @@ impl Activations {
 
     /// Valid positions of the last forward pass (0 before the first).
     pub fn rows(&self) -> usize {
-        self.pass.map_or(0, |p| p.map.rows)
+        self.pass.map_or(0, |p| p.attn.rows)
     }
 }
 
@@ -212,9 +211,9 @@ impl GpuPch {
         acts.pass = None;
         ensure!(acts.d_model == self.config.d_model, "GPU PCH: activations of another model");
         let cfg = &self.config;
-        let pass = upload_batch(gpu, &acts.arena, cfg.d_content, cfg.n_heads, content, shape, mask)?;
-        if !matches!(content, GpuContent::PackedF16(_)) {
-            gpu.pack_rows(acts.arena.input, content, &pass.map, cfg.d_content)?;
+        let (pass, map) = upload_batch(gpu, &acts.arena, cfg.d_content, cfg.n_heads, content, shape, mask)?;
+        if let Some(map) = map {
+            gpu.pack_rows(acts.arena.input, content, &map, cfg.d_content)?;
         }
         self.run_forward(gpu, acts, pass)
     }
@@ -240,7 +239,6 @@ impl GpuPch {
             );
         }
         ensure!(batch.content.len() == s.rows * self.config.d_content, "GPU PCH: packed content of another shape");
-        let map = RowMap { valid: batch.valid, cu_seqlens: batch.cu_seqlens, rows: s.rows, seqs: s.seqs, len: s.len };
         let attn = AttnBatch {
             cu_seqlens: batch.cu_seqlens,
             tiles: batch.tiles,
@@ -249,15 +247,15 @@ impl GpuPch {
             rows: s.rows,
             heads: self.config.n_heads,
         };
-        self.run_forward(gpu, acts, Pass { input: batch.content, map, attn, mask })
+        self.run_forward(gpu, acts, Pass { input: batch.content, attn, mask })
     }
 
     /// The forward pass proper, over tables and content already on the device.
     fn run_forward(&self, gpu: &Gpu, acts: &mut Activations, pass: Pass) -> Result<Dev<f32>> {
         let cfg = &self.config;
-        let (d, f, o, heads) = (cfg.d_model, cfg.d_ff, cfg.d_out, cfg.n_heads);
-        let (map, attn, mask) = (pass.map, pass.attn, pass.mask);
-        let (a, rows, eps) = (&acts.arena, map.rows, cfg.ln_eps as f32);
+        let (d, f, o) = (cfg.d_model, cfg.d_ff, cfg.d_out);
+        let (attn, mask) = (pass.attn, pass.mask);
+        let (a, rows, eps) = (&acts.arena, attn.rows, cfg.ln_eps as f32);
 
         // Adaptor: x0 = fp16(bias + content · Wᵀ), the bias as a rank-1 product so that x0 is rounded once.
         let x0 = a.layers[0].x;
@@ -265,13 +263,9 @@ impl GpuPch {
         gpu.blas.a_bt(x0, pass.input, self.p16(self.adaptor_w), rows, d, cfg.d_content, true)?;
 
         for (l, (w, c)) in self.layers.iter().zip(&a.layers).enumerate() {
-            gpu.blas.a_bt(a.qkv, c.x, self.p16(w.qkv_w), rows, 3 * d, d, false)?;
-            for (part, dst) in [c.q, c.k, c.v].into_iter().enumerate() {
-                let bias = self.p32(w.qkv_b).slice(part * d, d);
-                gpu.rows_to_heads(dst, a.qkv, Some(bias), &map, heads, 3 * d, part * d)?;
-            }
-            gpu.masked_attention_fwd(c.o, c.lse, c.q, c.k, c.v, &attn, mask)?;
-            gpu.heads_to_rows(c.ctx, c.o, &map, heads, d, 0)?;
+            gpu.blas.a_bt(c.qkv, c.x, self.p16(w.qkv_w), rows, 3 * d, d, false)?;
+            let qkv = Qkv { proj: RowTensor::new(c.qkv, 3 * d), bias: Some(self.p32(w.qkv_b)) };
+            gpu.masked_attention_fwd(RowTensor::new(c.ctx, d), c.lse, qkv, &attn, mask)?;
             gpu.blas.a_bt(a.proj, c.ctx, self.p16(w.out_w), rows, d, d, false)?;
             let (nw, nb, bias) = (self.p32(w.attn_norm_w), self.p32(w.attn_norm_b), self.p32(w.out_b));
             gpu.layernorm_fwd(c.x1, c.xhat1, c.rstd1, c.x, Some(a.proj), Some(bias), nw, nb, rows, d, eps)?;
@@ -291,8 +285,8 @@ impl GpuPch {
     }
 }
 
-/// Checks a batch against the model's input width and the arena, and uploads its row map and attention
-/// tiles into the arena.
+/// Checks a batch against the model's input width and the arena, and uploads its offsets and attention tiles
+/// into the arena, and for padded content the row map that packs it, which it returns.
 fn upload_batch(
     gpu: &Gpu,
     arena: &Arena,
@@ -301,7 +295,7 @@ fn upload_batch(
     content: GpuContent,
     shape: &PchBatchShape,
     mask: MaskKind,
-) -> Result<Pass> {
+) -> Result<(Pass, Option<RowMap>)> {
     let (b, l) = (shape.batch, shape.len);
     if b == 0 || l == 0 || shape.lengths.len() != b {
         bail_input!("GPU PCH: a batch of {b} × {l} positions with {} lengths", shape.lengths.len());
@@ -315,24 +309,28 @@ fn upload_batch(
         bail_input!("GPU PCH: a batch of {rows} positions in {b} sequences; the arena holds {max_rows} in {max_seqs}");
     }
     let (held, input) = (content.len(), arena.input.slice(0, rows * dc));
-    let input = match content {
-        GpuContent::PackedF16(packed) if held == rows * dc => packed,
+    let (input, packed) = match content {
+        GpuContent::PackedF16(packed) if held == rows * dc => (packed, true),
         GpuContent::PackedF16(_) => {
             bail_input!("GPU PCH: packed content holds {held} values, expected {rows} rows × d_content {dc}")
         }
         _ if held != b * l * dc => {
             bail_input!("GPU PCH: content holds {held} values, expected {b} × {l} × d_content {dc}")
         }
-        _ => input,
+        _ => (input, false),
     };
     // Positions numbered in the caller's padded layout, which padded content is stored in.
     let exact = TowerShape { len: l, ..TowerShape::exact(&shape.lengths) };
     let tables = exact.tables(&shape.lengths)?;
-    gpu.upload(arena.valid, &tables.valid)?;
     gpu.upload(arena.cu_seqlens, &tables.cu_seqlens)?;
     gpu.upload(arena.tiles, &tables.tiles)?;
-    let (map, attn) = arena.batch(rows, b, l, heads, exact.tiles);
-    Ok(Pass { input, map, attn, mask })
+    let map = if packed {
+        None
+    } else {
+        gpu.upload(arena.valid, &tables.valid)?;
+        Some(RowMap { valid: arena.valid, rows, seqs: b, len: l })
+    };
+    Ok((Pass { input, attn: arena.attn(rows, b, heads, exact.tiles), mask }, map))
 }
 
 /// What the GPU tower implements; the rest is refused with the reason.

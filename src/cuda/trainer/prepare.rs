@@ -1,8 +1,8 @@
 //! The host's share of a training update: the batch planned from its users (padded to its shape bucket or
 //! not) and everything the device needs for it laid out in one staging buffer, so that one copy carries it:
-//! each tower's row map and attention tiles, the InfoNCE layout, log q, and the content rows. A CUDA graph
-//! cannot capture a copy from pageable memory, and it freezes the addresses it reads: within a bucket every
-//! array has the same size, so it lies at the same offset in the slot, update after update.
+//! each tower's sequence offsets and attention tiles, the InfoNCE layout, log q, and the content rows. A CUDA
+//! graph cannot capture a copy from pageable memory, and it freezes the addresses it reads: within a bucket
+//! every array has the same size, so it lies at the same offset in the slot, update after update.
 
 use super::ContentRows;
 use crate::cpu::infonce::LossPositions;
@@ -19,7 +19,6 @@ use rayon::prelude::*;
 /// Byte offsets of one tower's tables in a staging slot.
 #[derive(Clone, Copy, Debug)]
 struct TablesAt {
-    valid: usize,
     cu_seqlens: usize,
     tiles: usize,
 }
@@ -39,11 +38,8 @@ impl StagePlan {
     /// The plan for towers of `shapes` (history, targets), a layout of `layout_bytes`, and log q when given.
     pub fn new(shapes: [&TowerShape; 2], layout_bytes: usize, log_q: bool, dc: usize) -> Self {
         let mut plan = Layout::default();
-        let tables = shapes.map(|s| TablesAt {
-            valid: plan.take::<i32>(s.rows),
-            cu_seqlens: plan.take::<i32>(s.seqs + 1),
-            tiles: plan.take::<[i32; 2]>(s.tiles),
-        });
+        let tables = shapes
+            .map(|s| TablesAt { cu_seqlens: plan.take::<i32>(s.seqs + 1), tiles: plan.take::<[i32; 2]>(s.tiles) });
         let layout = plan.take::<u8>(layout_bytes);
         let log_q = log_q.then(|| plan.take::<f32>(shapes[1].rows));
         let content = shapes.map(|s| plan.take::<f16>(s.rows * dc));
@@ -136,7 +132,6 @@ impl Prepared {
         ensure!(out.len() >= p.bytes, "staging: {} bytes for an update of {}", out.len(), p.bytes);
         let put = |out: &mut [u8], at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
         for (at, tables) in p.tables.iter().zip(&self.tables) {
-            put(out, at.valid, bytemuck::cast_slice(&tables.valid));
             put(out, at.cu_seqlens, bytemuck::cast_slice(&tables.cu_seqlens));
             put(out, at.tiles, bytemuck::cast_slice(&tables.tiles));
         }
@@ -166,7 +161,6 @@ impl Prepared {
             let (at, shape) = (&p.tables[i], self.shapes[i]);
             PackedBatch {
                 content: region.slice(p.content[i], shape.rows * dc * 2).cast::<f16>(),
-                valid: region.slice(at.valid, shape.rows * 4).cast::<i32>(),
                 cu_seqlens: region.slice(at.cu_seqlens, (shape.seqs + 1) * 4).cast::<i32>(),
                 tiles: region.slice(at.tiles, shape.tiles * 8).cast::<[i32; 2]>(),
                 shape,
@@ -303,7 +297,6 @@ mod tests {
             let i32s = |at: usize, n: usize| -> Vec<i32> {
                 out[at..at + 4 * n].chunks_exact(4).map(bytemuck::pod_read_unaligned).collect()
             };
-            assert_eq!(i32s(p.tables[0].valid, 64), plan.tables[0].valid);
             assert_eq!(i32s(p.tables[1].cu_seqlens, 6), [0, 3, 6, 7, 9, 64]);
             // Four users and the dummy, one tile each: the bucket's most.
             assert_eq!(i32s(p.tables[0].tiles, 2 * plan.shapes[0].tiles), [0, 0, 1, 0, 2, 0, 3, 0, 4, 0]);
