@@ -17,7 +17,7 @@ use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM, Qk
 use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows, infonce_weights};
 use learn_kern::cuda::memory::{Dev, DeviceBuffer};
 use learn_kern::cuda::ops::{attention_tiles, packed_offsets};
-use learn_kern::cuda::train_ops::{AdamStats, AdamStep};
+use learn_kern::cuda::train_ops::{AdamStats, AdamStep, RowSplit};
 use learn_kern::train::optim::{Adam, AdamConfig, clip_grad_norm};
 use rand::RngExt;
 
@@ -135,18 +135,35 @@ fn layernorm_without_residual_and_reductions_repeat_bit_for_bit() {
 
     let dy = f16s(&uniform(&mut rng, rows * dim, 1.0));
     let (_dy, dy_dev) = upload(&gpu, &dy);
-    let run = || {
+    let run_split = |split: RowSplit| {
         let (_dx, dx) = poisoned::<f16>(&gpu, rows * dim);
         let (_w, dw) = poisoned_with(&gpu, &vec![0.0f32; dim]);
         let (_b, db) = poisoned_with(&gpu, &vec![0.0f32; dim]);
-        let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 3));
-        gpu.layernorm_bwd(dx, dw, db, None, dy_dev, None, xhat, rstd, w_dev, scratch, rows, dim).unwrap();
-        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        (gpu.download(dx).unwrap(), bits(gpu.download(dw).unwrap()), bits(gpu.download(db).unwrap()))
+        let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(split, dim, 3));
+        gpu.layernorm_bwd(dx, dw, db, None, dy_dev, None, xhat, rstd, w_dev, scratch, split, dim).unwrap();
+        (gpu.download(dx).unwrap(), gpu.download(dw).unwrap(), gpu.download(db).unwrap())
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let run = || {
+        let (dx, dw, db) = run_split(rows.into());
+        (dx, bits(&dw), bits(&db))
     };
     let first = run();
     assert!(first.0.iter().all(|v| v.is_finite()));
     assert_eq!(first, run(), "the backward is not deterministic");
+    // Rows split in two parts (a training pass's towers), each summed in blocks of its own: the same row
+    // gradients, the same sums up to their order; a split beyond the rows is refused.
+    for at in [0, 1, 100, 299] {
+        let (dx, dw, db) = run_split(RowSplit { rows, split: at });
+        assert_eq!(dx, first.0, "split at {at}: dx");
+        let unsplit = |b: &[u32]| b.iter().map(|&x| f32::from_bits(x) as f64).collect::<Vec<_>>();
+        assert_close(&dw, &unsplit(&first.1), |w| 1e-5 * (w.abs() + 1.0), &format!("split at {at}: dw"));
+        assert_close(&db, &unsplit(&first.2), |w| 1e-5 * (w.abs() + 1.0), &format!("split at {at}: db"));
+    }
+    let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 3));
+    let (_d, sums) = poisoned::<f32>(&gpu, dim);
+    let beyond = RowSplit { rows, split: rows + 1 };
+    assert!(gpu.layernorm_bwd(y, sums, sums, None, dy_dev, None, xhat, rstd, w_dev, scratch, beyond, dim).is_err());
 }
 
 #[test]

@@ -84,7 +84,7 @@ impl RowTensor {
     }
 
     /// The tensor from row `row` on (within the buffer: the callers check what they reach).
-    fn from_row(self, row: usize) -> Self {
+    fn rows_from(self, row: usize) -> Self {
         let start = (row * self.stride).min(self.buf.len());
         RowTensor { buf: self.buf.slice(start, self.buf.len() - start), ..self }
     }
@@ -270,7 +270,8 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let (dst, src, zero) = (dst.from_row(first), src.from_row(first), zero.map(|z| z.map(|t| t.from_row(first))));
+        let (dst, src, zero) =
+            (dst.rows_from(first), src.rows_from(first), zero.map(|z| z.map(|t| t.rows_from(first))));
         let (dst_at, ld_dst) = dst.check(rows, width, "attention copy")?;
         let (src_at, ld_src) = src.check(rows, width, "attention copy source")?;
         let mut zeros = [0; 2];
