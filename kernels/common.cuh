@@ -44,6 +44,21 @@ __device__ __forceinline__ void store8_f32(float* p, const float v[8]) {
     reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
+// The rows [first, last) of block blockIdx.x of a two-pass reduction over rows split in two parts, [0, split)
+// and [split, rows), each in blocks of its own (per_a and per_b rows): the two towers of a training pass,
+// so that padding either one moves no real row into another block. One part: split = rows.
+__device__ __forceinline__ void reduction_rows(int rows, int split, int per_a, int per_b, int& first, int& last) {
+    const int blocks_a = (split + per_a - 1) / per_a;
+    const int x = blockIdx.x;
+    if (x < blocks_a) {
+        first = x * per_a;
+        last = min(first + per_a, split);
+    } else {
+        first = split + (x - blocks_a) * per_b;
+        last = min(first + per_b, rows);
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -35,18 +35,19 @@ extern "C" __global__ void gelu_bias_fwd(f16* __restrict__ act, f16* __restrict_
 }
 
 // dpre = fp16(dact · gelu'(pre)); dpre may be dact itself (in place). Block (x, y) covers rows
-// [x · rows_per_block, +rows_per_block) and columns [y · blockDim.x · 8, +blockDim.x · 8); each thread owns 8
+// reduction_rows(x) (common.cuh) and columns [y · blockDim.x · 8, +blockDim.x · 8); each thread owns 8
 // columns over those rows and writes its partial bias gradient Σ dpre (unrounded) to
 // partials[x, cols], which column_sums (reduce.cu) adds in block order.
 extern "C" __global__ void gelu_bias_bwd(f16* dpre, float* __restrict__ partials, const f16* dact,
-                                         const f16* __restrict__ pre, int rows, int cols, int rows_per_block) {
+                                         const f16* __restrict__ pre, int rows, int cols, int split, int per_a,
+                                         int per_b) {
     const int c = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
     if (c >= cols) return;
     float acc[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
-    const int first = blockIdx.x * rows_per_block;
-    const int last = min(first + rows_per_block, rows);
+    int first, last;
+    reduction_rows(rows, split, per_a, per_b, first, last);
     for (int row = first; row < last; ++row) {
         const index_t at = (index_t)row * cols + c;
         float d[8], p[8];

@@ -36,19 +36,19 @@ extern "C" __global__ void l2norm_fwd(float* __restrict__ y, float* __restrict__
 
 // dz = (dy − y · (y·dy)) / ‖z‖ where ‖z‖ ≥ eps, else dy / eps (the clamp is a constant there), as fp16 for
 // the head's GEMMs; with partials given, the block's bias gradient Σ dz (unrounded) over its rows
-// [x · rows_per_block, +rows_per_block) goes to partials[x, dim] for column_sums (reduce.cu). Each warp sums
+// reduction_rows(x) (common.cuh) goes to partials[x, dim] for column_sums (reduce.cu). Each warp sums
 // its own rows in registers and the warps' sums are added in warp order: deterministic.
 // blockDim.x == 32 · L2_WARPS.
 extern "C" __global__ void l2norm_bwd(f16* __restrict__ dz, float* __restrict__ partials, const float* __restrict__ dy,
                                       const float* __restrict__ y, const float* __restrict__ norms, int rows, int dim,
-                                      int rows_per_block, float eps) {
+                                      int split, int per_a, int per_b, float eps) {
     __shared__ float sums[L2_WARPS][32 * L2_MAX_PER_LANE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float acc[L2_MAX_PER_LANE];
 #pragma unroll
     for (int k = 0; k < L2_MAX_PER_LANE; ++k) acc[k] = 0.0f;
-    const int first = blockIdx.x * rows_per_block;
-    const int last = min(first + rows_per_block, rows);
+    int first, last;
+    reduction_rows(rows, split, per_a, per_b, first, last);
     for (int row = first + warp; row < last; row += L2_WARPS) {
         const index_t at = (index_t)row * dim;
         float g[L2_MAX_PER_LANE], e[L2_MAX_PER_LANE];

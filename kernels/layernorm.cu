@@ -60,7 +60,7 @@ extern "C" __global__ void layernorm_fwd(f16* __restrict__ y, f16* __restrict__ 
     }
 }
 
-// Backward over rows [blockIdx.x · rows_per_block, +rows_per_block) ∩ [0, rows), with dy = dy + dy2 when
+// Backward over the rows reduction_rows (common.cuh) gives block blockIdx.x, with dy = dy + dy2 when
 // dy2 is given (the two branches that read a post-LN output: the next block's residual and its sublayer):
 //     g = dy · w;   dx = rstd · (g − mean(g) − xhat · mean(g · xhat))          (fp16 out)
 // and the block's partial sums, each [gridDim.x, dim] fp32, added in block order by column_sums (reduce.cu):
@@ -71,7 +71,7 @@ extern "C" __global__ void layernorm_bwd(f16* __restrict__ dx, float* __restrict
                                          float* __restrict__ pd, const f16* __restrict__ dy,
                                          const f16* __restrict__ dy2, const f16* __restrict__ xhat,
                                          const float* __restrict__ rstd, const float* __restrict__ w, int rows,
-                                         int dim, int rows_per_block) {
+                                         int dim, int split, int per_a, int per_b) {
     __shared__ float scratch[32];
     const int c = threadIdx.x * 8;
     const bool active = c < dim;
@@ -79,8 +79,8 @@ extern "C" __global__ void layernorm_bwd(f16* __restrict__ dx, float* __restrict
 #pragma unroll
     for (int k = 0; k < 8; ++k) g_w[k] = acc_w[k] = acc_b[k] = acc_d[k] = 0.0f;
     if (active) load8_f32(w + c, g_w);
-    const int first = blockIdx.x * rows_per_block;
-    const int last = min(first + rows_per_block, rows);
+    int first, last;
+    reduction_rows(rows, split, per_a, per_b, first, last);
     const float inv_n = 1.0f / (float)dim;
     for (int row = first; row < last; ++row) {
         const index_t at = (index_t)row * dim + c;

@@ -17,7 +17,7 @@ use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM, Qk
 use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows, infonce_weights};
 use learn_kern::cuda::memory::{Dev, DeviceBuffer};
 use learn_kern::cuda::ops::{attention_tiles, packed_offsets};
-use learn_kern::cuda::train_ops::{AdamStats, AdamStep};
+use learn_kern::cuda::train_ops::{AdamStats, AdamStep, RowSplit};
 use learn_kern::train::optim::{Adam, AdamConfig, clip_grad_norm};
 use rand::RngExt;
 
@@ -135,18 +135,35 @@ fn layernorm_without_residual_and_reductions_repeat_bit_for_bit() {
 
     let dy = f16s(&uniform(&mut rng, rows * dim, 1.0));
     let (_dy, dy_dev) = upload(&gpu, &dy);
-    let run = || {
+    let run_split = |split: RowSplit| {
         let (_dx, dx) = poisoned::<f16>(&gpu, rows * dim);
         let (_w, dw) = poisoned_with(&gpu, &vec![0.0f32; dim]);
         let (_b, db) = poisoned_with(&gpu, &vec![0.0f32; dim]);
-        let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 3));
-        gpu.layernorm_bwd(dx, dw, db, None, dy_dev, None, xhat, rstd, w_dev, scratch, rows, dim).unwrap();
-        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        (gpu.download(dx).unwrap(), bits(gpu.download(dw).unwrap()), bits(gpu.download(db).unwrap()))
+        let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(split, dim, 3));
+        gpu.layernorm_bwd(dx, dw, db, None, dy_dev, None, xhat, rstd, w_dev, scratch, split, dim).unwrap();
+        (gpu.download(dx).unwrap(), gpu.download(dw).unwrap(), gpu.download(db).unwrap())
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let run = || {
+        let (dx, dw, db) = run_split(rows.into());
+        (dx, bits(&dw), bits(&db))
     };
     let first = run();
     assert!(first.0.iter().all(|v| v.is_finite()));
     assert_eq!(first, run(), "the backward is not deterministic");
+    // Rows split in two parts (a training pass's towers), each summed in blocks of its own: the same row
+    // gradients, the same sums up to their order; a split beyond the rows is refused.
+    for at in [0, 1, 100, 299] {
+        let (dx, dw, db) = run_split(RowSplit { rows, split: at });
+        assert_eq!(dx, first.0, "split at {at}: dx");
+        let unsplit = |b: &[u32]| b.iter().map(|&x| f32::from_bits(x) as f64).collect::<Vec<_>>();
+        assert_close(&dw, &unsplit(&first.1), |w| 1e-5 * (w.abs() + 1.0), &format!("split at {at}: dw"));
+        assert_close(&db, &unsplit(&first.2), |w| 1e-5 * (w.abs() + 1.0), &format!("split at {at}: db"));
+    }
+    let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 3));
+    let (_d, sums) = poisoned::<f32>(&gpu, dim);
+    let beyond = RowSplit { rows, split: rows + 1 };
+    assert!(gpu.layernorm_bwd(y, sums, sums, None, dy_dev, None, xhat, rstd, w_dev, scratch, beyond, dim).is_err());
 }
 
 #[test]
@@ -678,7 +695,7 @@ fn infonce_runs_at_b1024_h80_t40_like_the_cpu_and_repeats() {
 }
 
 /// A packed attention batch on the device: its offsets and 64-row tiles, then `empty` empty tiles (as a
-/// training step's shape bucket launches them), kept alive with the batch.
+/// training step's shape bucket launches them), kept alive with the batch; every row causal.
 fn attention_batch(gpu: &Gpu, lengths: &[usize], heads: usize, empty: usize) -> (Vec<DeviceBuffer>, AttnBatch) {
     let offsets = packed_offsets(lengths);
     let mut tiles = Vec::new();
@@ -688,7 +705,8 @@ fn attention_batch(gpu: &Gpu, lengths: &[usize], heads: usize, empty: usize) -> 
     let (cu_buf, cu_seqlens) = upload(gpu, &cu);
     let (tiles_buf, tiles_dev) = upload(gpu, &tiles);
     let rows = *offsets.last().unwrap();
-    let batch = AttnBatch { cu_seqlens, tiles: tiles_dev, num_tiles: tiles.len(), seqs: lengths.len(), rows, heads };
+    let num_tiles = tiles.len();
+    let batch = AttnBatch { cu_seqlens, tiles: tiles_dev, num_tiles, seqs: lengths.len(), rows, heads, diagonal: rows };
     (vec![cu_buf, tiles_buf], batch)
 }
 
@@ -768,6 +786,7 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
             let empty = i % 2 * 5;
             let what = format!("masked attention {mask:?}, {heads} heads, lengths {lengths:?}, {empty} empty tiles");
             let (_keep, batch) = attention_batch(&gpu, lengths, heads, empty);
+            let batch = batch.masked(mask);
             let (rows, d, lanes) = (batch.rows, batch.width(), batch.rows * heads);
             let (seqs, hd) = (Varlen::new(lengths), Heads { count: heads, dim: dh });
             // Row-major inputs between NaN columns, each with its own column offset and stride, and a
@@ -781,7 +800,7 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
             let (_g, dout_dev) = rows_among_nan(&gpu, &dout, d, 16, d + 16);
             let (out_buf, out) = poisoned_rows(&gpu, rows, 24, d + 40);
             let (lse_buf, lse) = poisoned::<f32>(&gpu, lanes);
-            gpu.masked_attention_fwd(out, lse, qkv, &batch, mask).unwrap();
+            gpu.masked_attention_fwd(out, lse, qkv, &batch).unwrap();
             let got_out_rows = read_columns(&gpu, &out_buf, out, d, "attention out");
 
             let biased: Vec<f16> =
@@ -809,7 +828,7 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
             let (dqkv_buf, dqkv) = poisoned_rows(&gpu, rows, 16, 3 * d + 40);
             let (_d, delta) = poisoned::<f32>(&gpu, lanes);
             let backward = |qkv: Qkv| {
-                gpu.masked_attention_bwd(dqkv, delta, dout_dev, out, qkv, lse, &batch, mask).unwrap();
+                gpu.masked_attention_bwd(dqkv, delta, dout_dev, out, qkv, lse, &batch).unwrap();
                 read_columns(&gpu, &dqkv_buf, dqkv, 3 * d, "attention dq, dk, dv")
             };
             let got_dqkv = backward(qkv);
@@ -841,7 +860,7 @@ fn masked_attention_forward_and_backward_match_the_cpu() {
             let (_q, plain) = rows_among_nan(&gpu, &biased, 3 * d, 0, 3 * d);
             let plain = Qkv { proj: plain, bias: None };
             let (again_buf, again) = poisoned_rows(&gpu, rows, 24, d + 40);
-            gpu.masked_attention_fwd(again, lse, plain, &batch, mask).unwrap();
+            gpu.masked_attention_fwd(again, lse, plain, &batch).unwrap();
             let again_out = read_columns(&gpu, &again_buf, again, d, "attention out");
             assert!(bits(&again_out) == bits(&got_out_rows), "{what}: out differs with the bias added first");
             let lse_bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -863,8 +882,7 @@ fn masked_attention_rejects_bad_shapes() {
     let rows_of = |len: usize, stride: usize| RowTensor::new(buf.slice(0, len), stride);
     let (out, proj) = (rows_of(rows * d, d), rows_of(rows * 3 * d, 3 * d));
     let qkv = Qkv { proj, bias: Some(bias.slice(0, 3 * d)) };
-    let fwd =
-        |out: RowTensor, qkv: Qkv, batch: &AttnBatch| gpu.masked_attention_fwd(out, lse, qkv, batch, MaskKind::Causal);
+    let fwd = |out: RowTensor, qkv: Qkv, batch: &AttnBatch| gpu.masked_attention_fwd(out, lse, qkv, batch);
     assert!(fwd(rows_of(rows * d - 1, d), qkv, &batch).is_err(), "a short output");
     assert!(fwd(RowTensor::new(buf.slice(1, rows * d), d), qkv, &batch).is_err(), "an output off the 16-byte boundary");
     assert!(fwd(RowTensor { col: 8, ..out }, qkv, &batch).is_err(), "output columns past the row");
@@ -883,9 +901,10 @@ fn masked_attention_rejects_bad_shapes() {
     assert!(fwd(out, qkv, &AttnBatch { heads: 0, ..batch }).is_err(), "no heads");
     assert!(fwd(out, qkv, &AttnBatch { num_tiles: batch.num_tiles + 1, ..batch }).is_err(), "more tiles than uploaded");
     assert!(fwd(out, qkv, &AttnBatch { rows: batch.rows + 1, ..batch }).is_err(), "more rows than the tensors hold");
-    assert!(gpu.masked_attention_fwd(out, lse.slice(0, 1), qkv, &batch, MaskKind::Causal).is_err(), "short lse");
+    assert!(fwd(out, qkv, &AttnBatch { diagonal: batch.rows + 1, ..batch }).is_err(), "diagonal rows past the batch");
+    assert!(gpu.masked_attention_fwd(out, lse.slice(0, 1), qkv, &batch).is_err(), "short lse");
     let bwd = |dqkv: RowTensor, delta: Dev<f32>, dout: RowTensor| {
-        gpu.masked_attention_bwd(dqkv, delta, dout, out, qkv, lse, &batch, MaskKind::Causal)
+        gpu.masked_attention_bwd(dqkv, delta, dout, out, qkv, lse, &batch)
     };
     assert!(bwd(proj, lse.slice(0, 1), out).is_err(), "a short delta");
     assert!(bwd(rows_of(rows * 3 * d - 1, 3 * d), lse, out).is_err(), "a short dq, dk, dv");

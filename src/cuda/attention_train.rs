@@ -6,7 +6,9 @@
 //! sequence b's head h at entries `start_b·heads + h·n_b ..`.
 //!
 //! The causal mask runs flash-attention style (the probabilities are never stored; the backward recomputes
-//! them from the forward's lse); the diagonal mask is a copy (out = v) and needs no lse.
+//! them from the forward's lse); the diagonal mask is a copy (out = v) and needs no lse. One batch may hold
+//! both: causal tiles over its first sequences and the diagonal mask over a range of rows after them (the
+//! training step's user tower and self-only item tower, in one pass).
 
 use super::gpu::{Arg, Gpu};
 use super::memory::Dev;
@@ -21,7 +23,8 @@ const THREADS: u32 = 128;
 
 /// A packed batch on the device: `seqs` sequences of `rows` rows in all, `heads` heads; `cu_seqlens` holds
 /// the seqs + 1 row offsets and `tiles` the `num_tiles` entries [`super::ops::attention_tiles`] builds from
-/// them (64-row tiles, as the kernels take).
+/// them (64-row tiles, as the kernels take), which the causal mask runs over. Rows `diagonal..rows` take the
+/// diagonal mask instead: no tile may cover them.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnBatch {
     pub cu_seqlens: Dev<i32>,
@@ -30,9 +33,19 @@ pub struct AttnBatch {
     pub seqs: usize,
     pub rows: usize,
     pub heads: usize,
+    pub diagonal: usize,
 }
 
 impl AttnBatch {
+    /// The batch with one mask over all its rows: every tile causal (as built), or none and every row
+    /// diagonal.
+    pub fn masked(self, mask: MaskKind) -> Self {
+        match mask {
+            MaskKind::Causal => AttnBatch { diagonal: self.rows, ..self },
+            MaskKind::Diagonal => AttnBatch { num_tiles: 0, diagonal: 0, ..self },
+        }
+    }
+
     /// Columns of all heads: `heads·64`, the width of out, dout and of each of Q, K and V.
     pub fn width(&self) -> usize {
         self.heads * MASKED_ATTENTION_HEAD_DIM
@@ -49,6 +62,7 @@ impl AttnBatch {
         int(3 * self.width(), "masked attention columns")?;
         covers(&self.cu_seqlens, self.seqs + 1, "masked attention offsets")?;
         covers(&self.tiles, self.num_tiles, "masked attention tiles")?;
+        ensure!(self.diagonal <= self.rows, "masked attention: diagonal rows from {} of {}", self.diagonal, self.rows);
         Ok((u32::try_from(self.num_tiles)?, self.heads as u32))
     }
 }
@@ -67,6 +81,12 @@ impl RowTensor {
     /// `buf` as rows of `stride` halves, from column 0.
     pub fn new(buf: Dev<f16>, stride: usize) -> Self {
         RowTensor { buf, stride, col: 0 }
+    }
+
+    /// The tensor from row `row` on (within the buffer: the callers check what they reach).
+    fn rows_from(self, row: usize) -> Self {
+        let start = (row * self.stride).min(self.buf.len());
+        RowTensor { buf: self.buf.slice(start, self.buf.len() - start), ..self }
     }
 
     /// The `i`-th block of `width` columns: Q, K or V (i = 0, 1, 2) of a projection.
@@ -134,24 +154,15 @@ fn scales() -> (f32, f32) {
 
 impl Gpu {
     /// `out = softmax(q kᵀ / 8 + mask) v` per (sequence, head), q, k, v the parts of `qkv` plus its bias,
-    /// and for the causal mask `lse` (the row log-sum-exp of the scaled scores) for
-    /// [`Self::masked_attention_bwd`]. The diagonal mask leaves `lse` untouched.
-    pub fn masked_attention_fwd(
-        &self,
-        out: RowTensor,
-        lse: Dev<f32>,
-        qkv: Qkv,
-        batch: &AttnBatch,
-        mask: MaskKind,
-    ) -> Result<()> {
+    /// and for the causal rows `lse` (the row log-sum-exp of the scaled scores) for
+    /// [`Self::masked_attention_bwd`]; the diagonal rows leave it untouched.
+    pub fn masked_attention_fwd(&self, out: RowTensor, lse: Dev<f32>, qkv: Qkv, batch: &AttnBatch) -> Result<()> {
         let grid = batch.check()?;
         let (out_at, ld_out) = out.check(batch.rows, batch.width(), "attention output")?;
         let (qkv_at, ld_qkv, bias) = qkv.check(batch)?;
-        if mask == MaskKind::Diagonal {
-            let (v, v_bias) = qkv.v(batch.width());
-            return self.diagonal(out, None, v, v_bias, batch);
-        }
-        covers(&lse, batch.rows * batch.heads, "attention lse")?;
+        let (v, v_bias) = qkv.v(batch.width());
+        self.diagonal(out, None, v, v_bias, batch)?;
+        covers(&lse, batch.diagonal * batch.heads, "attention lse")?;
         if batch.num_tiles == 0 {
             return Ok(());
         }
@@ -168,14 +179,14 @@ impl Gpu {
             Arg::F32(scales().0),
         ];
         // SAFETY: out and qkv cover their columns of `rows` rows, the bias 3·heads·64 floats and lse
-        // rows·heads (checked); the offsets and tiles, built on the host from the same batch, reach only rows
-        // below `rows`.
+        // diagonal·heads (checked); the offsets and tiles, built on the host from the same batch, reach only
+        // rows below `diagonal`.
         unsafe { self.launch("masked_attention_fwd", grid, THREADS, 0, &args) }
     }
 
     /// Gradients of [`Self::masked_attention_fwd`] for `dout`: the Q, K and V columns of `dqkv` are
-    /// overwritten. The causal mask needs the forward's `out` and `lse`, the same `qkv` (with its bias),
-    /// and `delta` (rows·heads floats of scratch); the diagonal mask reads none of them.
+    /// overwritten. The causal rows need the forward's `out` and `lse`, the same `qkv` (with its bias), and
+    /// `delta` (a float per causal row and head of scratch); the diagonal rows read none of them.
     #[allow(clippy::too_many_arguments)]
     pub fn masked_attention_bwd(
         &self,
@@ -186,20 +197,17 @@ impl Gpu {
         qkv: Qkv,
         lse: Dev<f32>,
         batch: &AttnBatch,
-        mask: MaskKind,
     ) -> Result<()> {
         let grid = batch.check()?;
         let width = batch.width();
         let (dqkv_at, ld_dqkv) = dqkv.check(batch.rows, 3 * width, "attention dq, dk, dv")?;
         let (dout_at, ld_dout) = dout.check(batch.rows, width, "attention dout")?;
-        if mask == MaskKind::Diagonal {
-            let zero = [dqkv.part(0, width), dqkv.part(1, width)];
-            return self.diagonal(dqkv.part(2, width), Some(zero), dout, None, batch);
-        }
+        let zero = [dqkv.part(0, width), dqkv.part(1, width)];
+        self.diagonal(dqkv.part(2, width), Some(zero), dout, None, batch)?;
         let (out_at, ld_out) = out.check(batch.rows, width, "attention output")?;
         let (qkv_at, ld_qkv, bias) = qkv.check(batch)?;
-        covers(&lse, batch.rows * batch.heads, "attention lse")?;
-        covers(&delta, batch.rows * batch.heads, "attention delta")?;
+        covers(&lse, batch.diagonal * batch.heads, "attention lse")?;
+        covers(&delta, batch.diagonal * batch.heads, "attention delta")?;
         if batch.num_tiles == 0 {
             return Ok(());
         }
@@ -225,7 +233,7 @@ impl Gpu {
             Arg::F32(scale),
         ];
         // SAFETY: as the forward; dqkv covers its 3·heads·64 columns and dout its heads·64 of `rows` rows,
-        // delta rows·heads (checked). This pass writes delta, which the next reads: the stream orders them.
+        // delta diagonal·heads (checked). This pass writes delta, which the next reads: the stream orders them.
         unsafe { self.launch("masked_attention_bwd_dq", grid, THREADS, 0, &dq_args)? };
         let dkdv_args = [
             Arg::Ptr(dqkv_at),
@@ -247,8 +255,9 @@ impl Gpu {
         unsafe { self.launch("masked_attention_bwd_dkdv", grid, THREADS, 0, &dkdv_args) }
     }
 
-    /// `dst = src (+ bias)` and, when given, both of `zero` cleared, over the batch's rows and heads. The
-    /// kernel takes one stride for `dst` and `zero` (parts of one dQKV buffer); the callers checked the bias.
+    /// `dst = src (+ bias)` and, when given, both of `zero` cleared, over the batch's diagonal rows (none:
+    /// no launch) and every head. The kernel takes one stride for `dst` and `zero` (parts of one dQKV
+    /// buffer); the callers checked the whole tensors and the bias.
     fn diagonal(
         &self,
         dst: RowTensor,
@@ -257,10 +266,12 @@ impl Gpu {
         bias: Option<Dev<f32>>,
         batch: &AttnBatch,
     ) -> Result<()> {
-        let (rows, width) = (batch.rows, batch.width());
+        let (first, rows, width) = (batch.diagonal, batch.rows - batch.diagonal, batch.width());
         if rows == 0 {
             return Ok(());
         }
+        let (dst, src, zero) =
+            (dst.rows_from(first), src.rows_from(first), zero.map(|z| z.map(|t| t.rows_from(first))));
         let (dst_at, ld_dst) = dst.check(rows, width, "attention copy")?;
         let (src_at, ld_src) = src.check(rows, width, "attention copy source")?;
         let mut zeros = [0; 2];

@@ -101,6 +101,67 @@ impl TowerShape {
     }
 }
 
+/// A training pass: the user tower's sequences, then the item tower's, as one set of packed rows that one
+/// forward and one backward take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassShape {
+    /// Rows and sequences of both towers.
+    pub rows: usize,
+    pub seqs: usize,
+    /// The user tower's rows, the first: the reductions sum them in blocks apart from the item tower's.
+    pub split: usize,
+    /// Causal attention tiles: the user tower's, then the item tower's when its mask is causal.
+    pub tiles: usize,
+    /// The first row of the diagonal mask: `rows` (none) for a causal item tower, `split` for a self-only
+    /// one.
+    pub diagonal: usize,
+}
+
+/// A pass's tables as the kernels read them: sequence b is rows `cu_seqlens[b] .. cu_seqlens[b + 1]`, and
+/// `tiles` the causal attention tiles (sequence, first row within it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassTables {
+    pub cu_seqlens: Vec<i32>,
+    pub tiles: Vec<[i32; 2]>,
+}
+
+impl PassShape {
+    /// The pass of the user tower `users` and the item tower `items`, causal or self-only.
+    pub fn new(users: &TowerShape, items: &TowerShape, items_causal: bool) -> Self {
+        let rows = users.rows + items.rows;
+        let (tiles, diagonal) = match items_causal {
+            true => (users.tiles + items.tiles, rows),
+            false => (users.tiles, users.rows),
+        };
+        PassShape { rows, seqs: users.seqs + items.seqs, split: users.rows, tiles, diagonal }
+    }
+
+    /// The tables of the pass from each tower's ([`TowerShape::tables`]): the item tower's sequences
+    /// numbered after the user tower's, its rows after theirs; its tiles only when it is causal (empty tiles,
+    /// sequence −1, stay empty).
+    pub fn tables(&self, users: &TowerTables, items: &TowerTables) -> Result<PassTables> {
+        let (seqs, rows) = (users.cu_seqlens.len() - 1, *users.cu_seqlens.last().unwrap_or(&0));
+        ensure!(rows as usize == self.split, "pass tables: a user tower of {rows} rows, the shape has {}", self.split);
+        let mut cu_seqlens = users.cu_seqlens.clone();
+        cu_seqlens.extend(items.cu_seqlens.iter().skip(1).map(|&o| o + rows));
+        let mut tiles = users.tiles.clone();
+        if self.diagonal == self.rows {
+            let shift = |t: &[i32; 2]| if t[0] < 0 { *t } else { [t[0] + seqs as i32, t[1]] };
+            tiles.extend(items.tiles.iter().map(shift));
+        }
+        ensure!(
+            cu_seqlens.len() == self.seqs + 1 && tiles.len() == self.tiles,
+            "pass tables: {} offsets and {} tiles for a shape of {} sequences and {} tiles",
+            cu_seqlens.len(),
+            tiles.len(),
+            self.seqs,
+            self.tiles
+        );
+        ensure!(cu_seqlens.last() == Some(&(self.rows as i32)), "pass tables: rows beyond the shape");
+        Ok(PassTables { cu_seqlens, tiles })
+    }
+}
+
 /// The most attention tiles of a bucket of `users` sequences of at most `max_len` rows, `rows` rows in all
 /// with its dummy sequence. A sequence of n rows has ⌈n/64⌉ ≤ (n + 63)/64 tiles and at most ⌈max_len/64⌉;
 /// the real rows are at most `rows`; the dummy sequence, under 64 rows, has at most one.

@@ -8,7 +8,9 @@
 //! accumulates (`+=`), as the CPU reference's backward functions do. A step therefore repeats bit for bit on
 //! one GPU; the blocks depend on the GPU's multiprocessor count, so another GPU model may round differently.
 //! They depend on the row count only through its shape bucket ([`padded_rows`]), so that rows a bucket
-//! appends (with zero gradients) only add zeros at the end of the last blocks.
+//! appends (with zero gradients) only add zeros at the end of the last blocks. The training step runs both
+//! towers as one set of rows, each padded on its own: a [`RowSplit`] sums each tower's rows in blocks of
+//! their own, so padding the first tower moves no row of the second into another block either.
 
 use super::bucket::padded_rows;
 use super::gpu::{Arg, Gpu};
@@ -85,6 +87,41 @@ impl AdamStep {
     }
 }
 
+/// The rows of a reduction: `rows` in all, the first `split` of them summed in blocks apart from the rest
+/// (the user tower's rows of a training pass, before the item tower's). A plain row count is one part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowSplit {
+    pub rows: usize,
+    pub split: usize,
+}
+
+impl From<usize> for RowSplit {
+    fn from(rows: usize) -> Self {
+        RowSplit { rows, split: rows }
+    }
+}
+
+/// How a reduction's blocks take the rows of a [`RowSplit`]: `per_a` rows a block before the split, `per_b`
+/// after it, `count` blocks in all (reduction_rows in common.cuh).
+struct Blocks {
+    per_a: usize,
+    per_b: usize,
+    count: usize,
+}
+
+impl Blocks {
+    /// The kernels' arguments: the rows, the split and the rows per block of each part.
+    fn args(&self, rows: RowSplit) -> Result<[Arg; 4]> {
+        ensure!(rows.split <= rows.rows, "reduction: a split at row {} of {}", rows.split, rows.rows);
+        Ok([
+            Arg::I32(int(rows.rows, "rows")?),
+            Arg::I32(int(rows.split, "split")?),
+            Arg::I32(int(self.per_a, "rows per block")?),
+            Arg::I32(int(self.per_b, "rows per block")?),
+        ])
+    }
+}
+
 impl Gpu {
     /// Rows each block of a two-pass reduction takes: at least 16 (the partials stay small next to the
     /// rows), and few enough blocks (≤ 4 per multiprocessor) that the second pass is short. The same for
@@ -93,9 +130,24 @@ impl Gpu {
         padded_rows(rows).div_ceil(4 * self.multiprocessors.max(1)).max(16)
     }
 
+    /// The blocks of a reduction over `rows`: each part in blocks of [`Self::rows_per_block`] of its own rows
+    /// (a split beyond the rows is refused by [`Blocks::args`]).
+    fn blocks(&self, rows: RowSplit) -> Blocks {
+        let (a, b) = (rows.split.min(rows.rows), rows.rows.saturating_sub(rows.split));
+        let (per_a, per_b) = (self.rows_per_block(a), self.rows_per_block(b));
+        Blocks { per_a, per_b, count: a.div_ceil(per_a) + b.div_ceil(per_b) }
+    }
+
     /// Floats of scratch a reduction over `rows` rows of `cols` columns needs for `arrays` sums at once.
-    pub fn partials_len(&self, rows: usize, cols: usize, arrays: usize) -> usize {
-        rows.div_ceil(self.rows_per_block(rows)) * cols * arrays
+    pub fn partials_len(&self, rows: impl Into<RowSplit>, cols: usize, arrays: usize) -> usize {
+        self.blocks(rows.into()).count * cols * arrays
+    }
+
+    /// The most blocks a reduction over at most `max_rows` rows takes, split or not: what its scratch is
+    /// sized for. Each part takes at most the most blocks of one part (not monotone in the rows).
+    pub fn max_reduction_blocks(&self, max_rows: usize) -> usize {
+        let one = (1..=max_rows).map(|n| n.div_ceil(self.rows_per_block(n))).max().unwrap_or(0);
+        2 * one
     }
 
     /// `out[j] += Σ_b partials[b, j]` over `blocks` partial rows of `n`, in block order.
@@ -179,9 +231,11 @@ impl Gpu {
         rstd: Dev<f32>,
         w: Dev<f32>,
         scratch: Dev<f32>,
-        rows: usize,
+        rows: impl Into<RowSplit>,
         dim: usize,
     ) -> Result<()> {
+        let split = rows.into();
+        let rows = split.rows;
         check_layernorm_dim(dim)?;
         for (buf, what) in [(&dx, "layernorm dx"), (&dy, "layernorm dy"), (&xhat, "layernorm xhat")] {
             covers(buf, rows * dim, what)?;
@@ -194,9 +248,10 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let per_block = self.rows_per_block(rows);
-        let blocks = rows.div_ceil(per_block);
-        covers(&scratch, self.partials_len(rows, dim, 3), "layernorm scratch")?;
+        let blocks = self.blocks(split);
+        let [rows_arg, split_arg, per_a, per_b] = blocks.args(split)?;
+        let blocks = blocks.count;
+        covers(&scratch, self.partials_len(split, dim, 3), "layernorm scratch")?;
         let part = |k: usize| scratch.slice(k * blocks * dim, blocks * dim);
         let args = [
             Arg::Ptr(dx.ptr()),
@@ -208,11 +263,13 @@ impl Gpu {
             Arg::Ptr(xhat.ptr()),
             Arg::Ptr(rstd.ptr()),
             Arg::Ptr(w.ptr()),
-            Arg::I32(int(rows, "rows")?),
+            rows_arg,
             Arg::I32(int(dim, "width")?),
-            Arg::I32(int(per_block, "rows per block")?),
+            split_arg,
+            per_a,
+            per_b,
         ];
-        // SAFETY: block x reads and writes rows [x·per_block, +per_block) ∩ [0, rows) of [rows, dim] buffers
+        // SAFETY: block x reads and writes its rows (below `rows`, reduction_rows) of [rows, dim] buffers
         // and writes row x of each [blocks, dim] partial array; all covered (checked); blockDim·8 ≥ dim.
         unsafe { self.launch("layernorm_bwd", (u32::try_from(blocks)?, 1), row_threads(dim, 1024), 0, &args)? };
         self.column_sums(dw, part(0), blocks, dim)?;
@@ -250,9 +307,11 @@ impl Gpu {
         dact: Dev<f16>,
         pre: Dev<f16>,
         scratch: Dev<f32>,
-        rows: usize,
+        rows: impl Into<RowSplit>,
         cols: usize,
     ) -> Result<()> {
+        let split = rows.into();
+        let rows = split.rows;
         ensure!(cols > 0 && cols.is_multiple_of(8), "gelu: width {cols} is not a multiple of 8");
         for (buf, what) in [(&dpre, "gelu dpre"), (&dact, "gelu dact"), (&pre, "gelu pre-activation")] {
             covers(buf, rows * cols, what)?;
@@ -260,9 +319,10 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let per_block = self.rows_per_block(rows);
-        let blocks = rows.div_ceil(per_block);
-        covers(&scratch, self.partials_len(rows, cols, 1), "gelu scratch")?;
+        let blocks = self.blocks(split);
+        let [rows_arg, split_arg, per_a, per_b] = blocks.args(split)?;
+        let blocks = blocks.count;
+        covers(&scratch, self.partials_len(split, cols, 1), "gelu scratch")?;
         let threads = row_threads(cols, 256);
         let col_blocks = (cols / 8).div_ceil(threads as usize);
         let args = [
@@ -270,12 +330,14 @@ impl Gpu {
             Arg::Ptr(scratch.ptr()),
             Arg::Ptr(dact.ptr()),
             Arg::Ptr(pre.ptr()),
-            Arg::I32(int(rows, "rows")?),
+            rows_arg,
             Arg::I32(int(cols, "width")?),
-            Arg::I32(int(per_block, "rows per block")?),
+            split_arg,
+            per_a,
+            per_b,
         ];
         let grid = (u32::try_from(blocks)?, u32::try_from(col_blocks)?);
-        // SAFETY: block (x, y) touches rows [x·per_block, +per_block) ∩ [0, rows) and columns below cols of
+        // SAFETY: block (x, y) touches its rows (below `rows`, reduction_rows) and columns below cols of
         // the [rows, cols] buffers, and row x of the [blocks, cols] partials; all covered (checked).
         unsafe { self.launch("gelu_bias_bwd", grid, threads, 0, &args)? };
         self.column_sums(dbias, scratch, blocks, cols)
@@ -329,10 +391,12 @@ impl Gpu {
         y: Dev<f32>,
         norms: Dev<f32>,
         scratch: Dev<f32>,
-        rows: usize,
+        rows: impl Into<RowSplit>,
         dim: usize,
         eps: f32,
     ) -> Result<()> {
+        let split = rows.into();
+        let rows = split.rows;
         check_l2norm_dim(dim)?;
         covers(&dz, rows * dim, "l2norm dz")?;
         covers(&dy, rows * dim, "l2norm dy")?;
@@ -341,10 +405,11 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let per_block = self.rows_per_block(rows);
-        let blocks = rows.div_ceil(per_block);
+        let blocks = self.blocks(split);
+        let [rows_arg, split_arg, per_a, per_b] = blocks.args(split)?;
+        let blocks = blocks.count;
         if dbias.is_some() {
-            covers(&scratch, self.partials_len(rows, dim, 1), "l2norm scratch")?;
+            covers(&scratch, self.partials_len(split, dim, 1), "l2norm scratch")?;
         }
         let args = [
             Arg::Ptr(dz.ptr()),
@@ -352,12 +417,14 @@ impl Gpu {
             Arg::Ptr(dy.ptr()),
             Arg::Ptr(y.ptr()),
             Arg::Ptr(norms.ptr()),
-            Arg::I32(int(rows, "rows")?),
+            rows_arg,
             Arg::I32(int(dim, "width")?),
-            Arg::I32(int(per_block, "rows per block")?),
+            split_arg,
+            per_a,
+            per_b,
             Arg::F32(eps),
         ];
-        // SAFETY: block x touches rows [x·per_block, +per_block) ∩ [0, rows) of the [rows, dim] buffers and
+        // SAFETY: block x touches its rows (below `rows`, reduction_rows) of the [rows, dim] buffers and
         // row x of the [blocks, dim] partials (when given); all covered (checked).
         unsafe { self.launch("l2norm_bwd", (u32::try_from(blocks)?, 1), 32 * L2NORM_WARPS as u32, 0, &args)? };
         match dbias {

@@ -6,7 +6,7 @@
 //! f = d_ff, h = n_heads, c = d_content, o = d_out: each layer keeps 8·d + 2·f halves (x, the bias-free QKV
 //! projection (3·d), ctx, xhat1, x1, xhat2; u, g) and h + 2 floats (lse, two rstd); the buffers all layers
 //! share take c + 8·d + f + 2·o + 1 halves (input, last, dQKV (3·d), projection, head, backward gradients,
-//! ones) and o + h + 1 floats, plus the reduction partials (at most 4 · multiprocessors · max(3·d, f)
+//! ones) and o + h + 1 floats, plus the reduction partials (at most 8 · multiprocessors · max(3·d, f)
 //! floats) and the batch tables.
 
 use crate::cuda::Gpu;
@@ -77,11 +77,8 @@ pub(super) fn max_tiles(rows: usize, seqs: usize) -> usize {
 impl Arena {
     pub fn new(gpu: &Gpu, cfg: &PchConfig, max_rows: usize, max_seqs: usize) -> Result<Self> {
         let (r, d, f, h, o) = (max_rows, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.d_out);
-        // Every batch up to max_rows rows: the reductions' block count is not monotone in the rows.
-        let partials = (1..=r)
-            .map(|n| gpu.partials_len(n, d, 3).max(gpu.partials_len(n, f, 1)).max(gpu.partials_len(n, o, 1)))
-            .max()
-            .unwrap_or(0);
+        // Every batch up to max_rows rows, split in two towers or not.
+        let partials = gpu.max_reduction_blocks(r) * (3 * d).max(f).max(o);
         let mut plan = Layout::default();
         let (mut halves, mut floats) = (Vec::new(), Vec::new());
         let mut take_h = |plan: &mut Layout, n: usize| {
@@ -164,8 +161,8 @@ impl Arena {
         self._buffer.bytes()
     }
 
-    /// The attention batch of a packed batch whose offsets and tiles are in the arena.
+    /// The attention batch of a packed batch whose offsets and tiles are in the arena, every row causal.
     pub fn attn(&self, rows: usize, seqs: usize, heads: usize, num_tiles: usize) -> AttnBatch {
-        AttnBatch { cu_seqlens: self.cu_seqlens, tiles: self.tiles, num_tiles, seqs, rows, heads }
+        AttnBatch { cu_seqlens: self.cu_seqlens, tiles: self.tiles, num_tiles, seqs, rows, heads, diagonal: rows }
     }
 }

@@ -3,9 +3,10 @@
 //! Parameters live in one buffer in the canonical flat layout of [`PchParams`]: fp32 masters (LayerNorm and
 //! bias kernels read them), their fp16 copy (the GEMMs' operands; `adam_step` refreshes it) and fp32
 //! gradients, which the backward accumulates. A pass's activations live in an [`Activations`] arena sized
-//! once for a largest batch, apart from the model: training keeps one for the user tower and one for the
-//! item tower, both differentiated against the same parameters. Only the valid positions are computed,
-//! packed as the CPU reference packs them. Per layer:
+//! once for a largest batch, apart from the model. Training runs its two towers as one pass: the user
+//! tower's sequences, then the item tower's, one set of rows in one arena ([`PackedBatch`]), so each GEMM
+//! and kernel launches once for both. Only the valid positions are computed, packed as the CPU reference
+//! packs them. Per layer:
 //! ```text
 //! qkv = x · Wqkvᵀ                      cuBLAS, kept without its bias
 //! ctx = masked attention(qkv + bqkv)   reads q, k, v from qkv in place, adds the bias as it loads them
@@ -23,7 +24,7 @@ pub use layout::GpuContent;
 
 use super::Gpu;
 use super::attention_train::{AttnBatch, Qkv, RowTensor};
-use super::bucket::TowerShape;
+use super::bucket::{PassShape, TowerShape};
 use super::memory::{Dev, DeviceBuffer, Layout};
 use crate::bail_input;
 use crate::pch::params::{LayerTensors, Tensors, assemble};
@@ -49,20 +50,21 @@ struct Pass {
     /// The packed fp16 content the adaptor read: the arena's copy, or the caller's packed content, which
     /// must then stay as it is until the backward, as must the tables of `attn`.
     input: Dev<f16>,
-    /// The batch's offsets and tiles, and its rows.
+    /// The batch's offsets, tiles and masks, and its rows.
     attn: AttnBatch,
-    mask: MaskKind,
+    /// The first tower's rows: the backward's reductions sum them apart from the rest.
+    split: usize,
 }
 
-/// A packed batch whose tables are on the device already, where the trainer's staging put them with its
-/// content: `content` `[rows, d_content]` fp16, and the sequence offsets and attention tiles of `shape` as
-/// [`TowerShape::tables`] builds them, which the kernels trust (so only the crate makes one).
+/// A training pass whose tables are on the device already, where the trainer's staging put them with its
+/// content: `content` `[rows, d_content]` fp16, and the sequence offsets and causal tiles of `shape` as
+/// [`PassShape::tables`] builds them, which the kernels trust (so only the crate makes one).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PackedBatch {
     pub content: Dev<f16>,
     pub cu_seqlens: Dev<i32>,
     pub tiles: Dev<[i32; 2]>,
-    pub shape: TowerShape,
+    pub shape: PassShape,
 }
 
 /// A PCH model on one GPU: parameters, their fp16 copy and gradients.
@@ -219,14 +221,9 @@ impl GpuPch {
     }
 
     /// [`Self::forward`] over a packed batch whose content and tables the caller put on the device (and
-    /// keeps there until the backward): the training step, whose tables arrive in its one staging copy.
-    pub(crate) fn forward_packed(
-        &self,
-        gpu: &Gpu,
-        acts: &mut Activations,
-        batch: &PackedBatch,
-        mask: MaskKind,
-    ) -> Result<Dev<f32>> {
+    /// keeps there until the backward): the training step's two towers, whose tables arrive in its one
+    /// staging copy.
+    pub(crate) fn forward_packed(&self, gpu: &Gpu, acts: &mut Activations, batch: &PackedBatch) -> Result<Dev<f32>> {
         acts.pass = None;
         ensure!(acts.d_model == self.config.d_model, "GPU PCH: activations of another model");
         let s = &batch.shape;
@@ -246,15 +243,16 @@ impl GpuPch {
             seqs: s.seqs,
             rows: s.rows,
             heads: self.config.n_heads,
+            diagonal: s.diagonal,
         };
-        self.run_forward(gpu, acts, Pass { input: batch.content, attn, mask })
+        self.run_forward(gpu, acts, Pass { input: batch.content, attn, split: s.split })
     }
 
     /// The forward pass proper, over tables and content already on the device.
     fn run_forward(&self, gpu: &Gpu, acts: &mut Activations, pass: Pass) -> Result<Dev<f32>> {
         let cfg = &self.config;
         let (d, f, o) = (cfg.d_model, cfg.d_ff, cfg.d_out);
-        let (attn, mask) = (pass.attn, pass.mask);
+        let attn = pass.attn;
         let (a, rows, eps) = (&acts.arena, attn.rows, cfg.ln_eps as f32);
 
         // Adaptor: x0 = fp16(bias + content · Wᵀ), the bias as a rank-1 product so that x0 is rounded once.
@@ -265,7 +263,7 @@ impl GpuPch {
         for (l, (w, c)) in self.layers.iter().zip(&a.layers).enumerate() {
             gpu.blas.a_bt(c.qkv, c.x, self.p16(w.qkv_w), rows, 3 * d, d, false)?;
             let qkv = Qkv { proj: RowTensor::new(c.qkv, 3 * d), bias: Some(self.p32(w.qkv_b)) };
-            gpu.masked_attention_fwd(RowTensor::new(c.ctx, d), c.lse, qkv, &attn, mask)?;
+            gpu.masked_attention_fwd(RowTensor::new(c.ctx, d), c.lse, qkv, &attn)?;
             gpu.blas.a_bt(a.proj, c.ctx, self.p16(w.out_w), rows, d, d, false)?;
             let (nw, nb, bias) = (self.p32(w.attn_norm_w), self.p32(w.attn_norm_b), self.p32(w.out_b));
             gpu.layernorm_fwd(c.x1, c.xhat1, c.rstd1, c.x, Some(a.proj), Some(bias), nw, nb, rows, d, eps)?;
@@ -330,7 +328,8 @@ fn upload_batch(
         gpu.upload(arena.valid, &tables.valid)?;
         Some(RowMap { valid: arena.valid, rows, seqs: b, len: l })
     };
-    Ok((Pass { input, attn: arena.attn(rows, b, heads, exact.tiles), mask }, map))
+    let attn = arena.attn(rows, b, heads, exact.tiles).masked(mask);
+    Ok((Pass { input, attn, split: rows }, map))
 }
 
 /// What the GPU tower implements; the rest is refused with the reason.

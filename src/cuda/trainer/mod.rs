@@ -5,11 +5,14 @@
 //! loss and the optimiser's figures):
 //! ```text
 //! the update's tables and content rows (packed fp16), staged in pinned memory, copied on the copy stream
-//!   → user tower over the histories (causal), item tower over the targets (causal or self-only)
-//!   → InfoNCE over the packed outputs, gradients × loss scale
-//!   → both towers' backward into one gradient buffer
+//!   → one forward over both towers: the histories (causal), then the targets (causal or self-only)
+//!   → InfoNCE over the packed outputs, gradients × loss scale into one [rows, d_out] gradient
+//!   → one backward over both towers into the gradient buffer
 //!   → global norm, overflow check, clipping, Adam on the fp32 masters, fresh fp16 copy
 //! ```
+//! The towers share the weights, so they run as one pass: the user tower's rows, then the item tower's, in
+//! one arena. Each GEMM and kernel of the model then launches once per update instead of once per tower,
+//! over all the rows; the weight gradients are one GEMM over them instead of two accumulated ones.
 //! While the GPU runs an update, the host gathers the next batch into the other of two pinned buffers and
 //! starts its copy into a landing buffer, so neither waits for the other; the update moves it from there to
 //! the buffer its launches read (one device copy), which has the same address every time.
@@ -39,7 +42,6 @@ use super::memory::{Dev, DeviceBuffer, Layout, Pinned};
 use super::pch::{Activations, GpuPch, check_config};
 use super::train_ops::{AdamStats, AdamStep};
 use crate::bail_input;
-use crate::cpu::masked_attention::MaskKind;
 use crate::data::sequences::UserSequence;
 use crate::embed::store::ContentStore;
 use crate::pch::{PchConfig, PchParams};
@@ -115,8 +117,9 @@ struct Buffers {
     figures: Dev<f32>,
     adam_scratch: Dev<f64>,
     lse: Dev<f32>,
-    d_users: Dev<f32>,
-    d_items: Dev<f32>,
+    /// The loss's gradient for both towers' outputs, `[rows, d_out]` as the pass lays them out: the user
+    /// tower's rows, then the item tower's.
+    d_out: Dev<f32>,
     nce_scratch: Dev<f32>,
     _buffer: DeviceBuffer,
 }
@@ -124,11 +127,11 @@ struct Buffers {
 /// Milliseconds of the last update's phases on the compute stream (from events), when timing is on.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PhaseTimes {
-    /// Both towers' forward passes (from the moment the content has arrived).
+    /// The forward pass over both towers (from the moment the content has arrived).
     pub forward: f64,
     /// The InfoNCE loss, forward and backward.
     pub loss: f64,
-    /// Both towers' backward passes.
+    /// The backward pass over both towers.
     pub backward: f64,
     /// Norm, clipping and Adam.
     pub optimizer: f64,
@@ -139,7 +142,7 @@ pub struct PhaseTimes {
 pub struct TrainerMemory {
     /// Parameters (fp32 and fp16), gradients, Adam's moments, the loss's buffers.
     pub parameters: usize,
-    /// The user and item towers' activation arenas.
+    /// The activation arena of the pass over both towers.
     pub activations: usize,
     /// The device's staging buffers: where an update's copy lands, and where its launches read it.
     pub staging: usize,
@@ -151,8 +154,7 @@ pub struct GpuTrainer<'a> {
     store: &'a dyn ContentRows,
     max_users: usize,
     model: GpuPch,
-    user: Activations,
-    item: Activations,
+    acts: Activations,
     buffers: Buffers,
     staging: [Staging; 2],
     /// The staging buffer of the next update.
@@ -211,11 +213,10 @@ impl<'a> GpuTrainer<'a> {
         ensure!(dc == cfg.d_content, "the store's rows are {dc}-d, the model's d_content {}", cfg.d_content);
         let gpu = Gpu::open(ordinal)?;
         let b = max_users;
-        // The largest bucket: every user full, and the dummy sequence.
+        // The largest bucket: every user full, and each tower's dummy sequence.
         let (rows_h, rows_t) = (padded_rows(b * settings.history), padded_rows(b * settings.targets));
         let model = GpuPch::new(&gpu, &state.params)?;
-        let user = model.activations(&gpu, rows_h, b + 1)?;
-        let item = model.activations(&gpu, rows_t, b + 1)?;
+        let acts = model.activations(&gpu, rows_h + rows_t, 2 * (b + 1))?;
 
         let n = state.params.flat().len();
         let o = cfg.d_out;
@@ -228,8 +229,7 @@ impl<'a> GpuTrainer<'a> {
             plan.take::<f32>(1 + AdamStats::LEN),
             plan.take::<f64>(gpu.adam_scratch_len(n)),
             plan.take::<f32>(rows_h),
-            plan.take::<f32>(rows_h * o),
-            plan.take::<f32>(rows_t * o),
+            plan.take::<f32>((rows_h + rows_t) * o),
             plan.take::<f32>(infonce_scratch_len(rows_h, rows_t, b, o)),
         ];
         let buffer = gpu.alloc(plan.bytes(), "the optimiser state and the loss buffers")?;
@@ -239,9 +239,8 @@ impl<'a> GpuTrainer<'a> {
             figures: buffer.view(offsets[2], 1 + AdamStats::LEN),
             adam_scratch: buffer.view(offsets[3], gpu.adam_scratch_len(n)),
             lse: buffer.view(offsets[4], rows_h),
-            d_users: buffer.view(offsets[5], rows_h * o),
-            d_items: buffer.view(offsets[6], rows_t * o),
-            nce_scratch: buffer.view(offsets[7], infonce_scratch_len(rows_h, rows_t, b, o)),
+            d_out: buffer.view(offsets[5], (rows_h + rows_t) * o),
+            nce_scratch: buffer.view(offsets[6], infonce_scratch_len(rows_h, rows_t, b, o)),
             _buffer: buffer,
         };
         gpu.upload(buffers.m, &state.m)?;
@@ -269,8 +268,7 @@ impl<'a> GpuTrainer<'a> {
             store,
             max_users,
             model,
-            user,
-            item,
+            acts,
             buffers,
             staging,
             next: 0,
@@ -330,7 +328,7 @@ impl<'a> GpuTrainer<'a> {
     pub fn memory(&self) -> TrainerMemory {
         TrainerMemory {
             parameters: self.model.bytes() + self.buffers._buffer.bytes(),
-            activations: self.user.bytes() + self.item.bytes(),
+            activations: self.acts.bytes(),
             staging: self._staging.bytes(),
         }
     }
@@ -431,19 +429,22 @@ impl<'a> GpuTrainer<'a> {
         };
         let o = self.model.config().d_out;
         mark(0)?;
-        let users = self.model.forward_packed(gpu, &mut self.user, &v.history, MaskKind::Causal)?;
-        let items = self.model.forward_packed(gpu, &mut self.item, &v.targets, s.item_mask())?;
+        let out = self.model.forward_packed(gpu, &mut self.acts, &v.pass)?;
         mark(1)?;
         let (loss, stats) = (buf.figures.slice(0, 1), buf.figures.slice(1, AdamStats::LEN));
-        let d_users = buf.d_users.slice(0, v.history.shape.rows * o);
-        let d_items = buf.d_items.slice(0, v.targets.shape.rows * o);
+        // The user embeddings are the pass's first rows, the item embeddings the rest; their gradients
+        // likewise, so that one backward takes both.
+        let (user_rows, item_rows) = (v.pass.shape.split, v.item_rows);
+        ensure!(user_rows + item_rows == v.pass.shape.rows, "GPU trainer: a pass of another shape");
+        let d_out = buf.d_out.slice(0, v.pass.shape.rows * o);
+        let (users, items) = (out.slice(0, user_rows * o), out.slice(user_rows * o, item_rows * o));
+        let (d_users, d_items) = (d_out.slice(0, user_rows * o), d_out.slice(user_rows * o, item_rows * o));
         let weights = self.scalars.slice(0, 2);
         let scratch = buf.nce_scratch;
         gpu.infonce(&v.nce, users, items, v.log_q, o, s.tau, weights, loss, buf.lse, d_users, d_items, scratch)?;
         mark(2)?;
         self.model.zero_grads(gpu)?;
-        self.model.backward(gpu, &self.user, d_users)?;
-        self.model.backward(gpu, &self.item, d_items)?;
+        self.model.backward(gpu, &self.acts, d_out)?;
         mark(3)?;
         let (params, params16, grads) = self.model.buffers();
         let adam = self.scalars.slice(2, AdamStep::SCALARS);

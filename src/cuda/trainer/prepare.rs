@@ -1,12 +1,14 @@
 //! The host's share of a training update: the batch planned from its users (padded to its shape bucket or
 //! not) and everything the device needs for it laid out in one staging buffer, so that one copy carries it:
-//! each tower's sequence offsets and attention tiles, the InfoNCE layout, log q, and the content rows. A CUDA
+//! the pass's sequence offsets and attention tiles (both towers' in one table set), the InfoNCE layout,
+//! log q, and the content rows (the user tower's, then the item tower's, one region). A CUDA
 //! graph cannot capture a copy from pageable memory, and it freezes the addresses it reads: within a bucket
 //! every array has the same size, so it lies at the same offset in the slot, update after update.
 
 use super::ContentRows;
 use crate::cpu::infonce::LossPositions;
-use crate::cuda::bucket::{BucketKey, TowerShape, TowerTables};
+use crate::cpu::masked_attention::MaskKind;
+use crate::cuda::bucket::{BucketKey, PassShape, PassTables, TowerShape};
 use crate::cuda::infonce::{InfoNceDev, InfoNceLayout, Rows};
 use crate::cuda::memory::{Dev, Layout};
 use crate::cuda::pch::PackedBatch;
@@ -16,34 +18,29 @@ use anyhow::{Result, anyhow, ensure};
 use half::f16;
 use rayon::prelude::*;
 
-/// Byte offsets of one tower's tables in a staging slot.
-#[derive(Clone, Copy, Debug)]
-struct TablesAt {
-    cu_seqlens: usize,
-    tiles: usize,
-}
-
 /// Where each array of an update lies in a staging slot, and the bytes they take (one copy).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct StagePlan {
-    tables: [TablesAt; 2],
+    cu_seqlens: usize,
+    tiles: usize,
     layout: usize,
     log_q: Option<usize>,
-    /// The content rows of each tower, `[rows, d_content]` fp16: real rows, then the dummy sequence's zeros.
-    content: [usize; 2],
+    /// The pass's content rows, `[rows, d_content]` fp16: each tower's real rows, then its dummy sequence's
+    /// zeros, the user tower first.
+    content: usize,
     pub bytes: usize,
 }
 
 impl StagePlan {
-    /// The plan for towers of `shapes` (history, targets), a layout of `layout_bytes`, and log q when given.
-    pub fn new(shapes: [&TowerShape; 2], layout_bytes: usize, log_q: bool, dc: usize) -> Self {
+    /// The plan for a pass of `shape` whose item tower has `item_rows` rows, a layout of `layout_bytes`, and
+    /// log q when given.
+    pub fn new(shape: &PassShape, item_rows: usize, layout_bytes: usize, log_q: bool, dc: usize) -> Self {
         let mut plan = Layout::default();
-        let tables = shapes
-            .map(|s| TablesAt { cu_seqlens: plan.take::<i32>(s.seqs + 1), tiles: plan.take::<[i32; 2]>(s.tiles) });
+        let (cu_seqlens, tiles) = (plan.take::<i32>(shape.seqs + 1), plan.take::<[i32; 2]>(shape.tiles));
         let layout = plan.take::<u8>(layout_bytes);
-        let log_q = log_q.then(|| plan.take::<f32>(shapes[1].rows));
-        let content = shapes.map(|s| plan.take::<f16>(s.rows * dc));
-        StagePlan { tables, layout, log_q, content, bytes: plan.bytes() }
+        let log_q = log_q.then(|| plan.take::<f32>(item_rows));
+        let content = plan.take::<f16>(shape.rows * dc);
+        StagePlan { cu_seqlens, tiles, layout, log_q, content, bytes: plan.bytes() }
     }
 }
 
@@ -53,9 +50,10 @@ pub(super) struct Prepared {
     pub users: Vec<usize>,
     /// Its shape bucket, when padded to one.
     pub key: Option<BucketKey>,
-    /// The history and target towers as launched, and their tables.
+    /// The history and target towers as launched, and the pass of both with its tables.
     pub shapes: [TowerShape; 2],
-    tables: [TowerTables; 2],
+    pass: PassShape,
+    tables: PassTables,
     pub layout: InfoNceLayout,
     /// log q per launched target row (0 for the dummy rows), with `--logq-correction`.
     log_q: Option<Vec<f32>>,
@@ -99,12 +97,14 @@ impl Prepared {
             values.resize(shapes[1].rows, 0.0);
             values
         });
-        let tables = [shapes[0].tables(&h_len)?, shapes[1].tables(&t_len)?];
-        let plan = StagePlan::new([&shapes[0], &shapes[1]], layout.device_bytes(), log_q.is_some(), dc);
+        let pass = PassShape::new(&shapes[0], &shapes[1], s.item_mask() == MaskKind::Causal);
+        let tables = pass.tables(&shapes[0].tables(&h_len)?, &shapes[1].tables(&t_len)?)?;
+        let plan = StagePlan::new(&pass, shapes[1].rows, layout.device_bytes(), log_q.is_some(), dc);
         Ok(Prepared {
             users: users.iter().map(|u| *u as *const UserSequence as usize).collect(),
             key,
             shapes,
+            pass,
             tables,
             layout,
             log_q,
@@ -131,21 +131,20 @@ impl Prepared {
         let p = &self.plan;
         ensure!(out.len() >= p.bytes, "staging: {} bytes for an update of {}", out.len(), p.bytes);
         let put = |out: &mut [u8], at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
-        for (at, tables) in p.tables.iter().zip(&self.tables) {
-            put(out, at.cu_seqlens, bytemuck::cast_slice(&tables.cu_seqlens));
-            put(out, at.tiles, bytemuck::cast_slice(&tables.tiles));
-        }
+        put(out, p.cu_seqlens, bytemuck::cast_slice(&self.tables.cu_seqlens));
+        put(out, p.tiles, bytemuck::cast_slice(&self.tables.tiles));
         self.layout.write(&mut out[p.layout..])?;
         if let (Some(at), Some(values)) = (p.log_q, &self.log_q) {
             put(out, at, bytemuck::cast_slice(values));
         }
         let dc = store.dim();
+        let region = &mut out[p.content..p.content + self.pass.rows * dc * 2];
+        let halves: &mut [f16] =
+            bytemuck::try_cast_slice_mut(region).map_err(|e| anyhow!("staging: content rows misaligned ({e})"))?;
         let (history, targets) = self.packed.split_at(self.shapes[0].real_rows);
-        for ((&at, shape), rows) in p.content.iter().zip(&self.shapes).zip([history, targets]) {
-            let region = &mut out[at..at + shape.rows * dc * 2];
-            let halves: &mut [f16] =
-                bytemuck::try_cast_slice_mut(region).map_err(|e| anyhow!("staging: content rows misaligned ({e})"))?;
-            let (real, dummy) = halves.split_at_mut(shape.real_rows * dc);
+        let (user_tower, item_tower) = halves.split_at_mut(self.pass.split * dc);
+        for ((tower, shape), rows) in [user_tower, item_tower].into_iter().zip(&self.shapes).zip([history, targets]) {
+            let (real, dummy) = tower.split_at_mut(shape.real_rows * dc);
             real.par_chunks_mut(dc).zip(rows).for_each(|(row, &r)| store.read_row_f16(r as usize, row));
             // The dummy sequence reads zeros: finite activations, so its zero gradients stay exactly zero.
             dummy.fill(f16::ZERO);
@@ -155,20 +154,16 @@ impl Prepared {
 
     /// The device views of the update, once `fill`'s bytes are in `region` (the slot's device copy).
     pub fn views(&self, region: Dev<u8>, dc: usize) -> Result<StepViews> {
-        let p = &self.plan;
+        let (p, shape) = (&self.plan, self.pass);
         ensure!(region.len() >= p.bytes, "staging: a device slot of {} bytes for {}", region.len(), p.bytes);
-        let tower = |i: usize| {
-            let (at, shape) = (&p.tables[i], self.shapes[i]);
-            PackedBatch {
-                content: region.slice(p.content[i], shape.rows * dc * 2).cast::<f16>(),
-                cu_seqlens: region.slice(at.cu_seqlens, (shape.seqs + 1) * 4).cast::<i32>(),
-                tiles: region.slice(at.tiles, shape.tiles * 8).cast::<[i32; 2]>(),
-                shape,
-            }
-        };
         Ok(StepViews {
-            history: tower(0),
-            targets: tower(1),
+            pass: PackedBatch {
+                content: region.slice(p.content, shape.rows * dc * 2).cast::<f16>(),
+                cu_seqlens: region.slice(p.cu_seqlens, (shape.seqs + 1) * 4).cast::<i32>(),
+                tiles: region.slice(p.tiles, shape.tiles * 8).cast::<[i32; 2]>(),
+                shape,
+            },
+            item_rows: self.shapes[1].rows,
             nce: self.layout.on_device(region.slice(p.layout, self.layout.device_bytes()))?,
             log_q: p.log_q.map(|at| region.slice(at, self.shapes[1].rows * 4).cast::<f32>()),
         })
@@ -177,8 +172,9 @@ impl Prepared {
 
 /// Where an update's inputs lie on the device, as the launches read them.
 pub(super) struct StepViews {
-    pub history: PackedBatch,
-    pub targets: PackedBatch,
+    /// Both towers, the user tower's rows first (`pass.shape.split` of them), then `item_rows` more.
+    pub pass: PackedBatch,
+    pub item_rows: usize,
     pub nce: InfoNceDev,
     pub log_q: Option<Dev<f32>>,
 }
@@ -297,17 +293,29 @@ mod tests {
             let i32s = |at: usize, n: usize| -> Vec<i32> {
                 out[at..at + 4 * n].chunks_exact(4).map(bytemuck::pod_read_unaligned).collect()
             };
-            assert_eq!(i32s(p.tables[1].cu_seqlens, 6), [0, 3, 6, 7, 9, 64]);
-            // Four users and the dummy, one tile each: the bucket's most.
-            assert_eq!(i32s(p.tables[0].tiles, 2 * plan.shapes[0].tiles), [0, 0, 1, 0, 2, 0, 3, 0, 4, 0]);
+            // Both towers' sequences in one table, the targets' rows after the histories' 64.
+            let offsets = [0, 4, 5, 8, 12, 64, 67, 70, 71, 73, 128];
+            assert_eq!((plan.pass.seqs, i32s(p.cu_seqlens, 11)), (10, offsets.to_vec()));
+            // Four users and the dummy, one tile each, in each tower: the bucket's most.
+            let tiles = [0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0, 8, 0, 9, 0];
+            assert_eq!((plan.pass.tiles, i32s(p.tiles, 20)), (10, tiles.to_vec()));
+            assert_eq!((plan.pass.split, plan.pass.diagonal, plan.pass.rows), (64, 128, 128));
             assert_eq!(i32s(p.layout, queries), plan.layout.q_row, "the layout's first array");
-            let content = |tower: usize, row: usize| -> Vec<f32> {
-                let at = p.content[tower] + row * 16;
+            let content = |row: usize| -> Vec<f32> {
+                let at = p.content + row * 16;
                 out[at..at + 16].chunks_exact(2).map(|h| bytemuck::pod_read_unaligned::<f16>(h).to_f32()).collect()
             };
-            // History row 4 is user 1's single item 9 (content 10); row 12 on is the dummy's zeros.
-            assert_eq!((content(0, 4), content(0, 12), content(0, 63)), (vec![10.0; 8], vec![0.0; 8], vec![0.0; 8]));
-            assert_eq!((content(1, 0), content(1, 9)), (vec![8.0; 8], vec![0.0; 8]));
+            // History row 4 is user 1's single item 9 (content 10); row 12 on is the dummy's zeros; the first
+            // target (item 7) at row 64, the targets' dummy from row 73.
+            assert_eq!((content(4), content(12), content(63)), (vec![10.0; 8], vec![0.0; 8], vec![0.0; 8]));
+            assert_eq!((content(64), content(73), content(127)), (vec![8.0; 8], vec![0.0; 8], vec![0.0; 8]));
+
+            // A self-only item tower: the histories' tiles alone, the target rows diagonal.
+            let s = StepSettings { item_tower: ItemTower::SelfOnly, ..settings(positions) };
+            let own = Prepared::plan(&s, &refs, true, 8).unwrap();
+            assert_eq!((own.pass.tiles, own.pass.diagonal, own.pass.seqs), (5, 64, 10));
+            assert_eq!(own.tables.tiles[..], plan.tables.tiles[..5]);
+            assert_eq!(own.tables.cu_seqlens, plan.tables.cu_seqlens);
         }
     }
 
