@@ -70,25 +70,23 @@ EMU_INLINE void warp_collective(Frag& out, Fill fill, emu::Site site) {
     out = *shared;
 }
 
-EMU_INLINE void load_a_row(FragA& a, const f16* p, int ld, EMU_HERE) {
-    warp_collective(a, [&](FragA& f) {
-        for (int i = 0; i < 16; ++i)
-            for (int k = 0; k < 16; ++k) f.x[i][k] = f16_to_f32(p[i * ld + k]);
-    }, site);
+// Element (r, c) of a 16 × 16 fp16 tile at p[r·row_step + c·col_step], widened.
+inline void widen_tile(float (&x)[16][16], const f16* p, int row_step, int col_step) {
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) x[r][c] = f16_to_f32(p[r * row_step + c * col_step]);
 }
 
+EMU_INLINE void load_a_row(FragA& a, const f16* p, int ld, EMU_HERE) {
+    warp_collective(a, [&](FragA& f) { widen_tile(f.x, p, ld, 1); }, site);
+}
+
+// B column-major: element (k, j) at p[j·ld + k].
 EMU_INLINE void load_b_col(FragB& b, const f16* p, int ld, EMU_HERE) {
-    warp_collective(b, [&](FragB& f) {
-        for (int k = 0; k < 16; ++k)
-            for (int j = 0; j < 16; ++j) f.x[k][j] = f16_to_f32(p[j * ld + k]);
-    }, site);
+    warp_collective(b, [&](FragB& f) { widen_tile(f.x, p, 1, ld); }, site);
 }
 
 EMU_INLINE void load_b_row(FragB& b, const f16* p, int ld, EMU_HERE) {
-    warp_collective(b, [&](FragB& f) {
-        for (int k = 0; k < 16; ++k)
-            for (int j = 0; j < 16; ++j) f.x[k][j] = f16_to_f32(p[k * ld + j]);
-    }, site);
+    warp_collective(b, [&](FragB& f) { widen_tile(f.x, p, ld, 1); }, site);
 }
 
 EMU_INLINE void load_c_row(FragC& c, const float* p, int ld, EMU_HERE) {
