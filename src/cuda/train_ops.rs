@@ -110,15 +110,16 @@ struct Blocks {
 }
 
 impl Blocks {
-    /// The kernels' arguments: the rows, the split and the rows per block of each part.
-    fn args(&self, rows: RowSplit) -> Result<[Arg; 4]> {
+    /// The block count and the kernels' arguments: the rows, the split and the rows per block of each part.
+    fn launch(&self, rows: RowSplit) -> Result<(usize, [Arg; 4])> {
         ensure!(rows.split <= rows.rows, "reduction: a split at row {} of {}", rows.split, rows.rows);
-        Ok([
+        let args = [
             Arg::I32(int(rows.rows, "rows")?),
             Arg::I32(int(rows.split, "split")?),
             Arg::I32(int(self.per_a, "rows per block")?),
             Arg::I32(int(self.per_b, "rows per block")?),
-        ])
+        ];
+        Ok((self.count, args))
     }
 }
 
@@ -131,7 +132,7 @@ impl Gpu {
     }
 
     /// The blocks of a reduction over `rows`: each part in blocks of [`Self::rows_per_block`] of its own rows
-    /// (a split beyond the rows is refused by [`Blocks::args`]).
+    /// (a split beyond the rows is refused by [`Blocks::launch`]).
     fn blocks(&self, rows: RowSplit) -> Blocks {
         let (a, b) = (rows.split.min(rows.rows), rows.rows.saturating_sub(rows.split));
         let (per_a, per_b) = (self.rows_per_block(a), self.rows_per_block(b));
@@ -248,9 +249,7 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let blocks = self.blocks(split);
-        let [rows_arg, split_arg, per_a, per_b] = blocks.args(split)?;
-        let blocks = blocks.count;
+        let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         covers(&scratch, self.partials_len(split, dim, 3), "layernorm scratch")?;
         let part = |k: usize| scratch.slice(k * blocks * dim, blocks * dim);
         let args = [
@@ -319,9 +318,7 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let blocks = self.blocks(split);
-        let [rows_arg, split_arg, per_a, per_b] = blocks.args(split)?;
-        let blocks = blocks.count;
+        let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         covers(&scratch, self.partials_len(split, cols, 1), "gelu scratch")?;
         let threads = row_threads(cols, 256);
         let col_blocks = (cols / 8).div_ceil(threads as usize);
@@ -405,9 +402,7 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let blocks = self.blocks(split);
-        let [rows_arg, split_arg, per_a, per_b] = blocks.args(split)?;
-        let blocks = blocks.count;
+        let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         if dbias.is_some() {
             covers(&scratch, self.partials_len(split, dim, 1), "l2norm scratch")?;
         }
