@@ -1,11 +1,13 @@
 //! Every kernel compiles with NVRTC for compute_70 (the V100) and compute_90 (the H100), without a warning,
 //! to PTX that declares each entry point and, for compute_70, uses nothing newer than sm_70; and to machine
-//! code for sm_70 and sm_90 without register spills. No GPU is needed, but NVRTC from CUDA 12 is: this test
-//! fails, it does not skip, when NVRTC cannot be found, because CI must check the kernels on every run.
-//! `tools/test.sh` installs it from the Python package index where the machine has none.
+//! code for sm_70 and sm_90 without register spills; and the same for sm_90 with the NVRTC of CUDA 13, the
+//! one the lent H100/H200 machines carry. No GPU is needed, but both NVRTCs are: these tests fail, they do
+//! not skip, when one cannot be found, because CI must check the kernels on every run. `tools/test.sh`
+//! installs them from the Python package index where the machine has none.
 
 use learn_kern::cuda::kernels::{self, ENTRY_POINTS, SOURCES};
 use learn_kern::cuda::nvrtc::{self, Nvrtc, Target};
+use std::path::Path;
 
 /// NVRTC 12.x warns that it will drop pre-sm_75 targets one day; that notice is the only message allowed.
 const DEPRECATION: &str = "Architectures prior to '<compute/sm>_75' are deprecated";
@@ -69,24 +71,47 @@ fn every_kernel_compiles_to_ptx_for_compute_70_and_compute_90() {
 fn every_kernel_assembles_for_sm_70_and_sm_90_without_spills() {
     let nvrtc = nvrtc();
     for arch in [70, 90] {
-        for (name, source) in SOURCES {
-            let compiled = kernels::compile(nvrtc, name, source, Target::Cubin(arch), &["--ptxas-options=-v"])
-                .unwrap_or_else(|log| panic!("{name}.cu, sm_{arch}: {log}"));
-            assert!(!compiled.code.is_empty(), "{name}.cu, sm_{arch}: empty CUBIN");
-            let entries = ENTRY_POINTS.iter().find(|(file, _)| file == name).map(|(_, e)| e.len()).unwrap();
-            let spill_lines: Vec<&str> = compiled.log.lines().filter(|l| l.contains("spill stores")).collect();
-            assert_eq!(spill_lines.len(), entries, "{name}.cu, sm_{arch}: one report per kernel:\n{}", compiled.log);
-            for line in spill_lines {
-                assert!(
-                    line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"),
-                    "{name}.cu, sm_{arch} spills registers: {line}\n{}",
-                    compiled.log
-                );
-            }
-            let unexpected: Vec<&str> =
-                messages(&compiled.log).into_iter().filter(|l| !l.starts_with("ptxas")).collect();
-            assert!(unexpected.is_empty(), "{name}.cu, sm_{arch}: warnings:\n{}", compiled.log);
+        assemble_without_spills(nvrtc, arch);
+    }
+}
+
+/// The NVRTC of CUDA 13.0, as PyTorch's cu130 wheels and the image of the lent H100/H200 machines carry it
+/// (`nvidia/cu13/lib`): what the engine finds first on such a machine. It can no longer target the V100,
+/// and its library has no RUNPATH, so this also checks that it finds its builtins (src/cuda/libs.rs).
+/// `tools/test.sh` installs it and names its folder in `LEARN_KERN_NVRTC13_LIBS`.
+#[test]
+fn every_kernel_compiles_with_the_nvrtc_of_cuda_13_for_sm_90() {
+    let dir = std::env::var_os("LEARN_KERN_NVRTC13_LIBS")
+        .unwrap_or_else(|| panic!("LEARN_KERN_NVRTC13_LIBS is not set: run tools/test.sh, which installs NVRTC 13"));
+    let nvrtc = nvrtc::open_from(Path::new(&dir)).unwrap_or_else(|why| panic!("NVRTC 13: {why}"));
+    assert_eq!(nvrtc.version.0, 13, "{} is NVRTC {}.{}", nvrtc.path, nvrtc.version.0, nvrtc.version.1);
+    for (name, source) in SOURCES {
+        let compiled = kernels::compile(&nvrtc, name, source, Target::Ptx(90), &[])
+            .unwrap_or_else(|log| panic!("{name}.cu, compute_90, NVRTC 13: {log}"));
+        assert!(messages(&compiled.log).is_empty(), "{name}.cu, compute_90, NVRTC 13: warnings:\n{}", compiled.log);
+    }
+    assemble_without_spills(&nvrtc, 90);
+}
+
+/// Every kernel file to machine code for `sm_{arch}`: one resource report per kernel, none spilling, and no
+/// other message.
+fn assemble_without_spills(nvrtc: &Nvrtc, arch: u32) {
+    for (name, source) in SOURCES {
+        let compiled = kernels::compile(nvrtc, name, source, Target::Cubin(arch), &["--ptxas-options=-v"])
+            .unwrap_or_else(|log| panic!("{name}.cu, sm_{arch}: {log}"));
+        assert!(!compiled.code.is_empty(), "{name}.cu, sm_{arch}: empty CUBIN");
+        let entries = ENTRY_POINTS.iter().find(|(file, _)| file == name).map(|(_, e)| e.len()).unwrap();
+        let spill_lines: Vec<&str> = compiled.log.lines().filter(|l| l.contains("spill stores")).collect();
+        assert_eq!(spill_lines.len(), entries, "{name}.cu, sm_{arch}: one report per kernel:\n{}", compiled.log);
+        for line in spill_lines {
+            assert!(
+                line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"),
+                "{name}.cu, sm_{arch} spills registers: {line}\n{}",
+                compiled.log
+            );
         }
+        let unexpected: Vec<&str> = messages(&compiled.log).into_iter().filter(|l| !l.starts_with("ptxas")).collect();
+        assert!(unexpected.is_empty(), "{name}.cu, sm_{arch}: warnings:\n{}", compiled.log);
     }
 }
 

@@ -55,7 +55,7 @@ struct Api {
 struct Library {
     api: Api,
     path: String,
-    _library: libloading::Library,
+    _loaded: libs::Loaded,
 }
 
 fn library() -> Result<&'static Library, String> {
@@ -79,7 +79,7 @@ fn library() -> Result<&'static Library, String> {
                 get_version: symbol!("cublasGetVersion_v2"),
                 gemm_ex: symbol!("cublasGemmEx"),
             };
-            Ok(Library { api, path: loaded.path, _library: loaded.library })
+            Ok(Library { api, path: loaded.path.clone(), _loaded: loaded })
         })
         .as_ref()
         .map_err(Clone::clone)

@@ -15,6 +15,12 @@
 //! Within each place, major version 12 comes first: it is the last whose NVRTC targets the V100 (sm_70),
 //! and CUDA 12 libraries run on every driver from 12.0 on. NVRTC and cuBLAS may come from different
 //! places and versions; each only has to run on the installed driver.
+//!
+//! NVRTC opens its builtins library (`libnvrtc-builtins.so.13.0`) by name when it first compiles. CUDA 12's
+//! Python package gives `libnvrtc.so.12` a RUNPATH of `$ORIGIN`, so the loader looks beside it; CUDA 13's
+//! (`nvidia/cu13/lib`, as in PyTorch's cu130 wheels) gives it none, and every compilation fails with
+//! "failed to open libnvrtc-builtins.so.13.0". So a library found in a folder has its companions there
+//! opened first, by path: the later lookup by name then finds them already loaded.
 
 use libloading::Library;
 use std::path::{Path, PathBuf};
@@ -23,6 +29,8 @@ use std::path::{Path, PathBuf};
 pub struct Loaded {
     pub library: Library,
     pub path: String,
+    /// What it opens by name at run time, opened first from its folder; dropped after `library`.
+    _companions: Vec<Library>,
 }
 
 /// File names tried for `lib{name}`, in order of preference.
@@ -41,7 +49,7 @@ pub fn open(name: &str) -> Result<Loaded, String> {
     for soname in &names {
         // SAFETY: loading a CUDA library runs its initialisers, which have no preconditions.
         if let Ok(library) = unsafe { Library::new(soname) } {
-            return Ok(Loaded { library, path: soname.clone() });
+            return Ok(Loaded { library, path: soname.clone(), _companions: Vec::new() });
         }
     }
     let mut toolkit: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
@@ -67,6 +75,12 @@ pub fn open(name: &str) -> Result<Loaded, String> {
     ))
 }
 
+/// Opens `lib{name}` from `dir` alone (for checks of one particular installation), or says why not.
+pub fn open_from(dir: &Path, name: &str) -> Result<Loaded, String> {
+    open_in(&[dir.to_path_buf()], &sonames(name))
+        .ok_or_else(|| format!("no loadable lib{name}.so.* in {}", dir.display()))
+}
+
 fn open_in(dirs: &[PathBuf], names: &[String]) -> Option<Loaded> {
     for soname in names {
         for dir in dirs {
@@ -74,14 +88,41 @@ fn open_in(dirs: &[PathBuf], names: &[String]) -> Option<Loaded> {
             if !path.is_file() {
                 continue;
             }
-            // SAFETY: as in `open`. An absolute path: the library's own RUNPATH ($ORIGIN in the Python
-            // packages) then finds its companions (libnvrtc-builtins, libcublasLt) in the same folder.
+            let companions = open_companions(dir, soname);
+            // SAFETY: as in `open`, by absolute path.
             if let Ok(library) = unsafe { Library::new(&path) } {
-                return Some(Loaded { library, path: path.display().to_string() });
+                return Some(Loaded { library, path: path.display().to_string(), _companions: companions });
             }
         }
     }
     None
+}
+
+/// The files in `dir` that the library `soname` opens by name (see the module's notes), opened. One that
+/// does not load leaves the main library to find its own.
+fn open_companions(dir: &Path, soname: &str) -> Vec<Library> {
+    // SAFETY: as in `open`.
+    companion_files(dir, soname).iter().filter_map(|path| unsafe { Library::new(path) }.ok()).collect()
+}
+
+/// `libnvrtc-builtins.so.13.*` beside `libnvrtc.so.13`, `libcublasLt.so.13*` beside `libcublas.so.13`.
+fn companion_files(dir: &Path, soname: &str) -> Vec<PathBuf> {
+    let Some((stem, major)) = soname.split_once(".so.") else { return Vec::new() };
+    let companion = match stem {
+        "libnvrtc" => format!("libnvrtc-builtins.so.{major}"),
+        "libcublas" => format!("libcublasLt.so.{major}"),
+        _ => return Vec::new(),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let file = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
+            file == companion || file.strip_prefix(&companion).is_some_and(|rest| rest.starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 /// `<site>/nvidia/<package>/lib` for every entry of python3's `sys.path`; empty without python3.
@@ -109,6 +150,36 @@ mod tests {
     #[test]
     fn sonames_prefer_cuda_12() {
         assert_eq!(sonames("nvrtc"), ["libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so.11", "libnvrtc.so"]);
+    }
+
+    #[test]
+    fn companions_are_those_of_the_same_major_version_beside_the_library() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "libnvrtc.so.13",
+            "libnvrtc-builtins.so.13.0",
+            "libnvrtc-builtins.alt.so.13.0",
+            "libnvrtc-builtins.so.12.9",
+            "libnvrtc-builtins.so.130",
+            "libcublas.so.13",
+            "libcublasLt.so.13",
+            "libcublasLt.so.12",
+        ] {
+            std::fs::write(dir.path().join(name), b"not a library").unwrap();
+        }
+        let names = |soname| -> Vec<String> {
+            companion_files(dir.path(), soname)
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into())
+                .collect()
+        };
+        assert_eq!(names("libnvrtc.so.13"), ["libnvrtc-builtins.so.13.0"]);
+        assert_eq!(names("libnvrtc.so.12"), ["libnvrtc-builtins.so.12.9"]);
+        assert_eq!(names("libcublas.so.13"), ["libcublasLt.so.13"]);
+        assert!(names("libnvrtc.so").is_empty() && names("libcuda.so.1").is_empty());
+        // Nothing here loads: the error names the folder, and no companion stopped the search.
+        let err = open_from(dir.path(), "nvrtc").err().unwrap();
+        assert!(err.contains("no loadable libnvrtc.so.*"), "{err}");
     }
 
     #[test]

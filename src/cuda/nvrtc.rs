@@ -80,13 +80,18 @@ pub struct Nvrtc {
     pub path: String,
     /// (major, minor) of the CUDA release it belongs to.
     pub version: (i32, i32),
-    _library: libloading::Library,
+    _loaded: Loaded,
 }
 
 /// The process-wide NVRTC, opened on first use; the error says where it was looked for.
 pub fn get() -> Result<&'static Nvrtc, String> {
     static NVRTC: OnceLock<Result<Nvrtc, String>> = OnceLock::new();
     NVRTC.get_or_init(|| Nvrtc::open(libs::open("nvrtc")?)).as_ref().map_err(Clone::clone)
+}
+
+/// The NVRTC in `dir` alone, beside the process-wide one: for checking the kernels with another CUDA release.
+pub fn open_from(dir: &std::path::Path) -> Result<Nvrtc, String> {
+    Nvrtc::open(libs::open_from(dir, "nvrtc")?)
 }
 
 macro_rules! symbol {
@@ -121,7 +126,7 @@ impl Nvrtc {
         if status != 0 {
             return Err(format!("{path}: nvrtcVersion failed ({status})"));
         }
-        Ok(Nvrtc { api, path: loaded.path, version: (major, minor), _library: loaded.library })
+        Ok(Nvrtc { api, path: loaded.path.clone(), version: (major, minor), _loaded: loaded })
     }
 
     fn error(&self, status: Status) -> String {
