@@ -15,17 +15,20 @@
 #   tools/peer/train_torch.py eager     the official LEARN module structure (BertEncoder, causal mask), AMP fp16
 #   tools/peer/train_torch.py compile   the same under torch.compile (compile time reported apart)
 # usage: tools/bench-vs-peers.sh train [--preset P] [--batch-users B] [--history H] [--targets T] [--bin PATH]
-#                                      [--out DIR]
-# Defaults: pch-base, 30 users of 80 history and 40 target items (SPEC §7).
+#                                      [--out DIR] [--sides learn-kern,eager,compile]
+# Defaults: pch-base, 30 users of 80 history and 40 target items (SPEC §7), all three sides. --sides runs only
+# those named and keeps the others' reports from an earlier run of the same shape in DIR for the table
+# (tools/gpu-check.sh runs torch.compile, the slow one to start, as a step of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == train ]]; then
     shift
     preset=pch-base batch_users=30 history=80 targets=40
-    bin=target/release/learn-kern out="${OUT:-bench-out}"
+    bin=target/release/learn-kern out="${OUT:-bench-out}" sides=learn-kern,eager,compile
     while [[ $# -gt 0 ]]; do
         case "$1" in
+            --sides) sides="$2"; shift 2 ;;
             --preset) preset="$2"; shift 2 ;;
             --batch-users) batch_users="$2"; shift 2 ;;
             --history) history="$2"; shift 2 ;;
@@ -38,17 +41,29 @@ if [[ "${1:-}" == train ]]; then
     mkdir -p "$out"
     tag="train-$preset-$batch_users-$history-$targets"
     shape=(--preset "$preset" --batch-users "$batch_users" --history "$history" --targets "$targets")
-    rm -f "$out"/{learn-kern,torch-eager,torch-compile}-"$tag".json  # no stale row from an earlier run
-    # Any one that fails (out of memory, say) leaves its row empty; the others still run.
-    "$bin" bench train --device cuda "${shape[@]}" --json "$out/learn-kern-$tag.json" >/dev/null ||
-        echo "bench-vs-peers.sh: learn-kern bench train failed" >&2
+    for side in ${sides//,/ }; do
+        case "$side" in
+            learn-kern | eager | compile) ;;
+            *) echo "bench-vs-peers.sh train: --sides takes learn-kern, eager and compile, not $side" >&2; exit 2 ;;
+        esac
+    done
+    # A side that fails (out of memory, say) leaves its row empty, the others still run, and the exit status
+    # says so. A side that runs first drops its report from an earlier run, so no stale row shows.
+    failed=0
+    if [[ ",$sides," == *,learn-kern,* ]]; then
+        rm -f "$out/learn-kern-$tag.json"
+        "$bin" bench train --device cuda "${shape[@]}" --json "$out/learn-kern-$tag.json" >/dev/null ||
+            { echo "bench-vs-peers.sh: learn-kern bench train failed" >&2; failed=1; }
+    fi
     for mode in eager compile; do
+        [[ ",$sides," == *,$mode,* ]] || continue
+        rm -f "$out/torch-$mode-$tag.json"
         python3 tools/peer/train_torch.py --mode "$mode" "${shape[@]}" --json "$out/torch-$mode-$tag.json" \
-            >/dev/null || echo "bench-vs-peers.sh: the PyTorch $mode peer failed" >&2
+            >/dev/null || { echo "bench-vs-peers.sh: the PyTorch $mode peer failed" >&2; failed=1; }
     done
     python3 tools/peer/ratio_table.py "$out/learn-kern-$tag.json" "$out/torch-eager-$tag.json" \
         "$out/torch-compile-$tag.json" | tee "$out/table-$tag.txt"
-    exit 0
+    exit $failed
 fi
 if [[ "${1:-}" == embed ]]; then shift; fi
 
@@ -68,15 +83,19 @@ done
 mkdir -p "$out"
 tag="$preset-$batch_tokens"
 lengths="$out/lengths-$tag.txt"
+rm -f "$out"/{learn-kern,hf-batched,hf-bs1}-"$tag".json  # no stale row from an earlier run
 
 "$bin" bench embed --device cuda --preset "$preset" --batch-tokens "$batch_tokens" --items "$items" \
     --save-lengths "$lengths" --json "$out/learn-kern-$tag.json"
-# A peer that fails (out of memory on a 16 GB card, say) leaves its row empty; the others still run.
+# A peer that fails (out of memory on a 16 GB card, say) leaves its row empty; the others still run, and the
+# exit status says so.
+failed=0
 python3 tools/peer/embed_hf.py --preset "$preset" --lengths "$lengths" --mode batched \
     --batch-tokens "$batch_tokens" --json "$out/hf-batched-$tag.json" >/dev/null ||
-    echo "bench-vs-peers.sh: the batched Hugging Face peer failed" >&2
+    { echo "bench-vs-peers.sh: the batched Hugging Face peer failed" >&2; failed=1; }
 python3 tools/peer/embed_hf.py --preset "$preset" --lengths "$lengths" --mode bs1 --max-items "$bs1_items" \
     --json "$out/hf-bs1-$tag.json" >/dev/null ||
-    echo "bench-vs-peers.sh: the batch-size-1 peer failed" >&2
+    { echo "bench-vs-peers.sh: the batch-size-1 peer failed" >&2; failed=1; }
 python3 tools/peer/ratio_table.py "$out/learn-kern-$tag.json" "$out/hf-batched-$tag.json" "$out/hf-bs1-$tag.json" |
     tee "$out/table-$tag.txt"
+exit $failed

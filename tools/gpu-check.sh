@@ -1,25 +1,56 @@
 #!/usr/bin/env bash
-# Everything the CUDA engine needs checked on a GPU, in one call of the device tool (SPEC §6, §7).
+# Everything the CUDA engine needs checked on a GPU, sized to the device tool's lease (SPEC §6, §7).
 #
-# Here (no GPU, the Rust toolchain):
+# Here (the Rust toolchain, no GPU):
 #     tools/gpu-check.sh prepare
-# builds the release binary and the GPU test binaries and copies them, stripped, into .gpu/ (ignored by git).
-# Then, through the device tool, from the repository root, with `carry: [".gpu"]`:
-#     bash tools/gpu-check.sh device [tests|bench|train|all]      (default all)
-# which finds the CUDA libraries of the machine's Python packages and toolkit, runs the kernel, model and
-# training-step tests against the CPU reference (tests), `bench kernels` and `bench embed` against the
-# Hugging Face peers for small and baichuan2-7b (8192-token batches: peak memory must stay ≤ 15 GB)
-# (bench), `bench train` against the PyTorch AMP peers, eager and torch.compile, at pch-base with B 30 and
-# 256, and alone without CUDA graphs at B 1024 (the InfoNCE kernel's share of the update) and B 30 (what the
-# graphs gain) (train), and ends with a summary. The
-# device tool returns at most 8 files from $OUT, so the logs and JSON reports come back as one archive,
-# $OUT/gpu-check-<what>.tar.gz, next to $OUT/summary-<what>.txt. `tests`, `bench` and `train` split the
-# work over calls when one would pass the device tool's 10-minute limit.
+# builds the release binary and the GPU test binaries, copies them stripped into .gpu/ (ignored by git) and
+# checks that they fit what one device call carries. Then through the device tool, from the repository root,
+# with `carry: [".gpu"]` and `timeout_s: 600`:
+#     bash tools/gpu-check.sh device [all | tests | embed | train | STEP…] [--budget SECONDS] [--again]
+#
+# The checks are steps, most wanted first; `all` runs every one in this order:
+#     probe           GPU, driver, CUDA libraries, torch; compiles the kernels once (NVRTC, cached in /tmp)
+#     tests           tests/cuda_*.rs, the binaries side by side, each kernel and model against the CPU reference
+#     embed-7b        bench embed, baichuan2-7b, 8192-token batches, against HF fp16 batched and batch size 1
+#     train-30        bench train, pch-base, B 30, against PyTorch AMP eager
+#     train-256       the same at B 256 (the MFU target)
+#     train-30-compile, train-256-compile   the torch.compile peer at each (minutes of compiling each)
+#     train-1024      learn-kern alone at B 1024 without CUDA graphs: the InfoNCE kernels' share of the update
+#     train-30-eager  learn-kern alone at B 30 without CUDA graphs: what the graphs gain
+#     embed-small     bench embed, small, against the same peers
+#     kernels-7b, kernels-small   bench kernels: each kernel against the measured copy and GEMM rates
+# Groups: tests = probe tests; embed = probe embed-7b embed-small kernels-7b kernels-small;
+# train = probe and every train-* step.
+#
+# Each step runs under what is left of --budget (default 560 s, inside the tool's 600 s per call): a step
+# is not started with less than its minimum left (MIN_SECONDS below, guesses until steps.tsv says better),
+# and one that runs out is stopped (its finished reports still count). After every step the summary goes
+# to $OUT/summary.txt, every log and JSON report into $OUT/gpu-check.tar.gz and each step's seconds to
+# $OUT/steps.tsv, so a call stopped at the tool's limit still returns what it finished. State lives in
+# /tmp/gpu-check on the device machine: a second call on the still-warm machine skips the steps that ran
+# to the end (passed or failed) and goes on with the rest; --again runs them anew.
+#
+# For the script's own test (tests/gpu_check.rs): GPU_CHECK_BIN (default .gpu) holds the binaries,
+# GPU_CHECK_STATE (default /tmp/gpu-check) the state, and GPU_CHECK_MIN_SECONDS, when set, replaces every
+# step's minimum.
+#
+# A lease of 15 minutes of device time: `device all` (timeout_s 600) first; if steps were left, at once a
+# second call `device all --budget S` with S the lease left (status: budget_left_s) less 60 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# The GPU test binaries (tests/cuda_*.rs), run one at a time on the device.
-GPU_TESTS=(cuda_kernels cuda_train_kernels cuda_pch cuda_model cuda_train_step cuda_topk cuda_eval)
+STEPS=(probe tests embed-7b train-30 train-256 train-30-compile train-256-compile train-1024 train-30-eager
+    embed-small kernels-7b kernels-small)
+# Seconds a step needs to be worth starting.
+declare -A MIN_SECONDS=(
+    [probe]=20 [tests]=60 [embed-7b]=90 [train-30]=40 [train-256]=50 [train-30-compile]=120
+    [train-256-compile]=120 [train-1024]=40 [train-30-eager]=30 [embed-small]=60 [kernels-7b]=40
+    [kernels-small]=30
+)
+# The GPU test binaries (tests/cuda_*.rs).
+GPU_TESTS="cuda_kernels cuda_train_kernels cuda_pch cuda_model cuda_train_step cuda_topk cuda_eval"
+# What one device call carries at most (the device tool's limit), less the tracked files.
+CARRY_LIMIT_MIB=64
 
 prepare() {
     set -e
@@ -28,24 +59,33 @@ prepare() {
     # The listing goes through a file: with every dependency's artifact in it, it is too long for argv.
     local listing
     listing="$(mktemp)"
-    cargo test --no-run "${GPU_TESTS[@]/#/--test=}" --message-format=json 2>/dev/null >"$listing"
-    mkdir -p .gpu
+    # shellcheck disable=SC2086
+    cargo test --no-run $(printf -- '--test=%s ' $GPU_TESTS) --message-format=json 2>/dev/null >"$listing"
+    rm -rf .gpu && mkdir -p .gpu
     strip -o .gpu/learn-kern target/release/learn-kern
     python3 - "$listing" <<'PY'
-import json, shutil, subprocess, sys
+import json, subprocess, sys
 for line in open(sys.argv[1]).read().splitlines():
     try:
         msg = json.loads(line)
     except ValueError:
         continue
     if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["target"]["kind"] == ["test"]:
-        name = msg["target"]["name"]
-        subprocess.run(["strip", "-o", f".gpu/{name}", msg["executable"]], check=True)
-        print(f".gpu/{name}")
+        subprocess.run(["strip", "-o", f".gpu/{msg['target']['name']}", msg["executable"]], check=True)
 PY
     rm -f "$listing"
-    du -ch .gpu/* | tail -n 1
-    echo "now: device run 'bash tools/gpu-check.sh device' with carry [\".gpu\"]"
+    git check-ignore -q .gpu || { echo "gpu-check.sh: .gpu/ is not ignored by git" >&2; exit 1; }
+    local carried tracked
+    carried=$(du -sb .gpu | cut -f1)
+    tracked=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+    awk -v n="$(ls .gpu | wc -l)" -v c="$carried" -v t="$tracked" -v limit="$CARRY_LIMIT_MIB" 'BEGIN {
+        printf ".gpu: %d files, %.1f MiB; with the tracked files %.1f MiB of the %d MiB a call carries\n",
+            n, c / 1048576, (c + t) / 1048576, limit }'
+    if ((carried + tracked > CARRY_LIMIT_MIB * 1048576)); then
+        echo "gpu-check.sh: too large for one device call" >&2
+        exit 1
+    fi
+    echo "now: device run 'bash tools/gpu-check.sh device all' with carry [\".gpu\"] and timeout_s 600"
 }
 
 # Folders of CUDA libraries on the device machine: the Python packages' nvidia/*/lib (cuBLAS, NVRTC of
@@ -61,43 +101,79 @@ print(":".join(dict.fromkeys(dirs)))
 PY
 }
 
-device() {
-    local what="${1:-all}"
-    local out=/tmp/gpu-check-$what
-    rm -rf "$out" && mkdir -p "$out"
-    export LEARN_KERN_CUDA_LIBS="$(cuda_lib_dirs)"
-    export LEARN_KERN_REPO="$PWD" LEARN_KERN_BIN="$PWD/.gpu/learn-kern" LEARN_KERN_CACHE=/tmp/learn-kern-cache
-    export RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
-    local summary="$out/summary.txt"
-    : >"$summary"
-    {
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-        echo "date: $(date -u +%FT%TZ)"
-        echo "libraries: $LEARN_KERN_CUDA_LIBS"
-    } | tee -a "$summary"
-    local status=0
-    if [[ "$what" == tests || "$what" == all ]]; then
-        for t in "${GPU_TESTS[@]}"; do
-            # One test at a time: they share the GPU, and a failure's output stays readable.
-            if .gpu/$t --test-threads=1 --nocapture >"$out/$t.log" 2>&1; then
-                echo "$t: passed" | tee -a "$summary"
-            else
-                status=1
-                echo "$t: FAILED (see $t.log)" | tee -a "$summary"
-            fi
-            grep -E "^test |worst|cosine|skipping|throughput|agree|differ" "$out/$t.log" | tail -n 40
-        done
-    fi
-    if [[ "$what" == bench || "$what" == all ]]; then
-        for preset in small baichuan2-7b; do
-            .gpu/learn-kern bench kernels --device cuda --preset "$preset" --json "$out/kernels-$preset.json" \
-                2>&1 | tee -a "$summary" || status=1
-        done
-        for preset in small baichuan2-7b; do
-            tools/bench-vs-peers.sh --preset "$preset" --batch-tokens 8192 --bin .gpu/learn-kern --out "$out" \
-                2>"$out/bench-$preset.log" | tee -a "$summary" || status=1
-        done
-        python3 - "$out/learn-kern-baichuan2-7b-8192.json" <<'PY' | tee -a "$summary"
+# --- The steps (step_NAME, with NAME's dashes as underscores): each writes its reports into $REPORTS and
+# its output to stdout (the step's log). ---
+
+step_probe() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    echo "libraries: $LEARN_KERN_CUDA_LIBS"
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'transformers', transformers.__version__)" 2>/dev/null || echo "torch: not importable (the peers will fail)"
+    # The smallest real run: loads the CUDA libraries and compiles every kernel into the shared cache.
+    "$BIN"/learn-kern bench kernels --device cuda --preset tiny --items 64 --json "$REPORTS/kernels-tiny.json"
+}
+
+step_tests() {
+    # Side by side: the GPU has room for all, and the CPU references use the machine's 16 cores. Within a
+    # binary one test at a time, so each log reads in order.
+    local t status=0
+    declare -A pids
+    for t in $GPU_TESTS; do
+        "$BIN/$t" --test-threads=1 --nocapture >"$REPORTS/$t.log" 2>&1 &
+        pids[$t]=$!
+    done
+    for t in $GPU_TESTS; do
+        if wait "${pids[$t]}"; then echo "$t: passed"; else echo "$t: FAILED"; status=1; fi
+    done
+    return $status
+}
+
+embed_vs_peers() {
+    tools/bench-vs-peers.sh --preset "$1" --batch-tokens 8192 --bin "$BIN"/learn-kern --out "$REPORTS"
+}
+step_embed_7b() { embed_vs_peers baichuan2-7b; }
+step_embed_small() { embed_vs_peers small; }
+
+train_vs_peers() {
+    tools/bench-vs-peers.sh train --preset pch-base --batch-users "$1" --history 80 --targets 40 \
+        --bin "$BIN"/learn-kern --out "$REPORTS" --sides "$2"
+}
+step_train_30() { train_vs_peers 30 learn-kern,eager; }
+step_train_256() { train_vs_peers 256 learn-kern,eager; }
+step_train_30_compile() { train_vs_peers 30 compile; }
+step_train_256_compile() { train_vs_peers 256 compile; }
+# Phase times need the eager step (a graph replay has none).
+step_train_1024() {
+    "$BIN"/learn-kern bench train --device cuda --preset pch-base --batch-users 1024 --history 80 --targets 40 \
+        --cuda-graphs off --warmup 3 --steps 10 --json "$REPORTS/learn-kern-train-b1024-eager.json"
+}
+step_train_30_eager() {
+    "$BIN"/learn-kern bench train --device cuda --preset pch-base --batch-users 30 --history 80 --targets 40 \
+        --cuda-graphs off --json "$REPORTS/learn-kern-train-b30-eager.json"
+}
+
+kernels() { "$BIN"/learn-kern bench kernels --device cuda --preset "$1" --json "$REPORTS/kernels-$1.json"; }
+step_kernels_7b() { kernels baichuan2-7b; }
+step_kernels_small() { kernels small; }
+
+# What the summary keeps of a step: its figures, read back from the reports (so a step stopped halfway
+# still shows what finished), and its log's telling lines.
+report() {
+    local step="$1" log="$2"
+    case "$step" in
+        probe) head -n 3 "$log"; grep -E "NVRTC|origin|error|Error" "$log" | head -n 5 ;;
+        tests)
+            grep -E "^cuda_" "$log"
+            for t in $GPU_TESTS; do
+                grep -E "^test .*(FAILED|ignored)|panicked|skipping|throughput|worst|cosine" "$REPORTS/$t.log" |
+                    sed "s/^/  $t: /" | head -n 20
+            done
+            ;;
+        embed-7b | embed-small)
+            local tag="${step#embed-}"
+            [[ "$tag" == 7b ]] && tag=baichuan2-7b
+            python3 tools/peer/ratio_table.py "$REPORTS"/{learn-kern,hf-batched,hf-bs1}-"$tag"-8192.json
+            python3 - "$REPORTS/learn-kern-$tag-8192.json" <<'PY'
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))
@@ -105,48 +181,133 @@ except (OSError, ValueError):
     sys.exit(0)
 used = r["memory"]["device_used_bytes"]
 engine = r["memory"]["weights_bytes"] + r["memory"]["arena_bytes"]
-print(f"baichuan2-7b at --batch-tokens 8192: engine allocations {engine / 1e9:.2f} GB, device in use {used / 1e9:.2f} GB "
-      f"(limit 15 GB: {'ok' if used <= 15e9 else 'OVER'}); {100 * r['fraction_of_gemm_peak']:.0f}% of the GEMM peak "
-      f"(target 80%)")
+print(f"{r['preset']} at --batch-tokens 8192: engine allocations {engine / 1e9:.2f} GB, device in use "
+      f"{used / 1e9:.2f} GB (limit 15 GB: {'ok' if used <= 15e9 else 'OVER'})")
 PY
-    fi
-    if [[ "$what" == train || "$what" == all ]]; then
-        for b in 30 256; do
-            tools/bench-vs-peers.sh train --preset pch-base --batch-users "$b" --history 80 --targets 40 \
-                --bin .gpu/learn-kern --out "$out" 2>"$out/train-$b.log" | tee -a "$summary" || status=1
-        done
-        # Phase times need the eager step (a graph replay has none): B 1024 for the InfoNCE share, B 30 for
-        # what the graphs gain.
-        .gpu/learn-kern bench train --device cuda --preset pch-base --batch-users 1024 --history 80 --targets 40 \
-            --cuda-graphs off --warmup 3 --steps 10 --json "$out/learn-kern-train-b1024.json" 2>&1 |
-            tee -a "$summary" || status=1
-        .gpu/learn-kern bench train --device cuda --preset pch-base --batch-users 30 --history 80 --targets 40 \
-            --cuda-graphs off --json "$out/learn-kern-train-b30-eager.json" 2>&1 | tee -a "$summary" || status=1
-        python3 - "$out" <<'PY' | tee -a "$summary"
-import glob, json, os, sys
-def load(path):
+            ;;
+        train-30 | train-256 | train-30-compile | train-256-compile)
+            local b="${step#train-}"
+            local tag="train-pch-base-${b%-compile}-80-40"
+            python3 tools/peer/ratio_table.py "$REPORTS"/{learn-kern,torch-eager,torch-compile}-"$tag".json
+            ;;
+        train-1024 | train-30-eager)
+            python3 - "$REPORTS" "$step" <<'PY'
+import json, os, sys
+name = {"train-1024": "learn-kern-train-b1024-eager.json", "train-30-eager": "learn-kern-train-b30-eager.json"}
+try:
+    r = json.load(open(os.path.join(sys.argv[1], name[sys.argv[2]])))
+except (OSError, ValueError):
+    sys.exit(0)
+line = f"pch-base B {r['batch_users']} without CUDA graphs: {r['steps_per_s']:.2f} steps/s, MFU {100 * r['mfu']:.0f}%"
+if sys.argv[2] == "train-1024":
+    line += f"; InfoNCE {r['phases_ms']['infonce']:.2f} ms = {100 * r['infonce_fraction']:.1f}% of the update (target < 10%)"
+else:
     try:
-        return json.load(open(path))
+        g = json.load(open(os.path.join(sys.argv[1], "learn-kern-train-pch-base-30-80-40.json")))
+        line += f"; with graphs {g['steps_per_s']:.2f} steps/s ({g['steps_per_s'] / r['steps_per_s']:.2f}×)"
     except (OSError, ValueError):
-        return None
-for b in (30, 256):
-    ours = load(os.path.join(sys.argv[1], f"learn-kern-train-pch-base-{b}-80-40.json"))
-    if ours:
-        print(f"pch-base B {b}: MFU {100 * ours['mfu']:.0f}% of the measured GEMM rate"
-              + (" (target at B 256: 50%)" if b == 256 else ""))
-eager = load(os.path.join(sys.argv[1], "learn-kern-train-b30-eager.json"))
-graphs = load(os.path.join(sys.argv[1], "learn-kern-train-pch-base-30-80-40.json"))
-if eager and graphs:
-    print(f"pch-base B 30: {graphs['steps_per_s']:.1f} steps/s with CUDA graphs, {eager['steps_per_s']:.1f} without")
-big = load(os.path.join(sys.argv[1], "learn-kern-train-b1024.json"))
-if big:
-    print(f"B 1024: InfoNCE {big['phases_ms']['infonce']:.2f} ms = {100 * big['infonce_fraction']:.1f}% of the update "
-          f"(target < 10%)")
+        pass
+print(line)
 PY
+            ;;
+        kernels-*) tail -n 15 "$log" ;;
+    esac
+}
+
+# Step names from the command line's words (groups expanded), in STEPS order.
+select_steps() {
+    local want=" " word
+    for word in "$@"; do
+        case "$word" in
+            all) want+="${STEPS[*]} " ;;
+            tests) want+="probe tests " ;;
+            embed | bench) want+="probe embed-7b embed-small kernels-7b kernels-small " ;;
+            train) want+="probe train-30 train-256 train-30-compile train-256-compile train-1024 train-30-eager " ;;
+            *)
+                [[ " ${STEPS[*]} " == *" $word "* ]] || { echo "gpu-check.sh: no step or group named $word" >&2; return 2; }
+                want+="$word "
+                ;;
+        esac
+    done
+    local step
+    for step in "${STEPS[@]}"; do
+        [[ "$want" != *" $step "* ]] || echo "$step"
+    done
+}
+
+# What comes back from the device tool: $OUT's summary, step timings and one archive of every report.
+save() {
+    [[ -n "${OUT:-}" ]] || return 0
+    cp "$1/summary.txt" "$1/steps.tsv" "$OUT/"
+    tar czf "$OUT/gpu-check.tar.gz" -C "$1" reports summary.txt steps.tsv
+}
+
+device() {
+    local budget=560 again=0 words=()
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --budget) budget="$2"; shift 2 ;;
+            --again) again=1; shift ;;
+            *) words+=("$1"); shift ;;
+        esac
+    done
+    [[ ${#words[@]} -gt 0 ]] || words=(all)
+    local steps
+    steps="$(select_steps "${words[@]}")" || exit 2
+    local deadline=$((SECONDS + budget))
+
+    local state="${GPU_CHECK_STATE:-/tmp/gpu-check}"
+    export BIN="${GPU_CHECK_BIN:-.gpu}" REPORTS="$state/reports"
+    if [[ ! -x "$BIN/learn-kern" ]]; then
+        echo "gpu-check.sh: $BIN/learn-kern is missing: run tools/gpu-check.sh prepare first and carry $BIN" >&2
+        exit 2
     fi
-    if [[ -n "${OUT:-}" ]]; then
-        tar czf "$OUT/gpu-check-$what.tar.gz" -C "$out" . && cp "$summary" "$OUT/summary-$what.txt"
-    fi
+    chmod +x "$BIN"/* 2>/dev/null  # in case the copy that carried them dropped the mode
+    mkdir -p "$REPORTS" "$state/status"
+    ((again)) && rm -f "$state/status"/*
+    export LEARN_KERN_CUDA_LIBS
+    LEARN_KERN_CUDA_LIBS="$(cuda_lib_dirs)"
+    export LEARN_KERN_REPO="$PWD" LEARN_KERN_BIN="$(cd "$BIN" && pwd)/learn-kern" LEARN_KERN_CACHE=/tmp/learn-kern-cache
+    export RUST_BACKTRACE=1 PYTHONUNBUFFERED=1 GPU_TESTS
+    export -f $(compgen -A function | grep -E '^(step_|embed_vs_peers|train_vs_peers|kernels)')
+    local summary="$state/summary.txt"
+    echo "=== gpu-check.sh device ${words[*]} --budget $budget, $(date -u +%FT%TZ) ===" >>"$summary"
+    [[ -f "$state/steps.tsv" ]] || printf 'step\tstatus\tseconds\tdate\n' >"$state/steps.tsv"
+
+    local step status=0
+    for step in $steps; do
+        local log="$REPORTS/$step.log" left=$((deadline - SECONDS - 10))
+        local least="${GPU_CHECK_MIN_SECONDS:-${MIN_SECONDS[$step]}}"
+        if [[ "$step" != probe && "$(cat "$state/status/probe" 2>/dev/null)" == FAILED* ]]; then
+            echo "[$step] not started: the probe failed" | tee -a "$summary"
+            continue
+        fi
+        if [[ -f "$state/status/$step" ]]; then
+            echo "[$step] $(cat "$state/status/$step") (an earlier call; --again reruns it)" | tee -a "$summary"
+            continue
+        fi
+        if ((left < least)); then
+            echo "[$step] not started: $left s of the budget left, it needs $least" | tee -a "$summary"
+            continue
+        fi
+        echo "[$step] running (up to $left s)" >&2
+        local start=$SECONDS rc
+        timeout --kill-after=10 "$left" bash -c "step_${step//-/_}" >"$log" 2>&1
+        rc=$?
+        local took=$((SECONDS - start)) outcome
+        case $rc in
+            0) outcome=passed ;;
+            124 | 137) outcome="stopped at the budget" ;;
+            *) outcome="FAILED (exit $rc)" ;;
+        esac
+        # A stopped step runs again in a later call; one that ran to the end does not.
+        [[ $rc == 124 || $rc == 137 ]] || echo "$outcome in $took s" >"$state/status/$step"
+        [[ $rc == 0 ]] || status=1
+        printf '%s\t%s\t%s\t%s\n' "$step" "$outcome" "$took" "$(date -u +%FT%TZ)" >>"$state/steps.tsv"
+        { echo "[$step] $outcome in $took s"; report "$step" "$log" 2>&1 | sed 's/^/    /'; } | tee -a "$summary"
+        save "$state"
+    done
+    save "$state"
     echo "=== summary ==="
     cat "$summary"
     return $status
@@ -155,5 +316,8 @@ PY
 case "${1:-}" in
     prepare) prepare ;;
     device) shift; device "$@" ;;
-    *) echo "usage: tools/gpu-check.sh prepare | device [tests|bench|train|all]" >&2; exit 2 ;;
+    *)
+        echo "usage: tools/gpu-check.sh prepare | device [all|tests|embed|train|STEP…] [--budget S] [--again]" >&2
+        exit 2
+        ;;
 esac

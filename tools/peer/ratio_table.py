@@ -5,6 +5,7 @@ whose "bench" is "train" (learn-kern's, tools/peer/train_torch.py's).
 usage: ratio_table.py learn-kern.json peer.json…"""
 
 import json
+import os
 import sys
 
 
@@ -13,7 +14,7 @@ def load(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        return {"engine": f"{path} (missing: {e.__class__.__name__})"}
+        return {"engine": f"{os.path.basename(path)} (missing: {e.__class__.__name__})"}
 
 
 def cell(value, width, fmt):
