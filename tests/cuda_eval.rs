@@ -195,6 +195,44 @@ fn eval_on_the_gpu_matches_the_cpu_path() {
     assert!(diff <= moved as f64 / users.len() as f64 + 1e-12, "metrics differ by {diff}, {moved} users moved");
 }
 
+/// The store kept on the device (`keep_content_on_device`) gives the host gather's embeddings bit for bit:
+/// both read each row as fp16 the same way, and the device gather only moves it. The resident towers are a
+/// second instance that never saw a host upload, so a gather that wrote nothing could not pass for one.
+/// A pass over another store gathers that store on the host; a store over the budget stays on the host.
+#[test]
+fn content_kept_on_the_device_gives_the_host_gathers_results() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("content on the device");
+    let cfg = config();
+    let params = random_params(&cfg, &mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let store = write_store(&dir.path().join("store"), 500, cfg.d_content, &mut rng);
+    let other = write_store(&dir.path().join("other"), 300, cfg.d_content, &mut rng);
+    let users = random_users(120, store.len(), &mut rng);
+    let refs: Vec<&UserSequence> = users.iter().collect();
+    let items: Vec<u32> = (0..store.len() as u32).rev().step_by(3).collect();
+    let budget = 160 * (arena_bytes_per_row(&cfg) + 2 * cfg.d_content);
+
+    let mut on_host = GpuTowers::new(&gpu, &params, budget, HISTORY).unwrap();
+    let host_users = on_host.user_embeddings(&gpu, &store, &refs, HISTORY).unwrap();
+    let host_items = on_host.item_embeddings(&gpu, &store, &items).unwrap();
+    let other_users = random_users(50, other.len(), &mut rng);
+    let other_refs: Vec<&UserSequence> = other_users.iter().collect();
+    let host_other = on_host.user_embeddings(&gpu, &other, &other_refs, HISTORY).unwrap();
+
+    let mut resident = GpuTowers::new(&gpu, &params, budget, HISTORY).unwrap();
+    let too_small = store.len() * cfg.d_content * 2 - 1;
+    assert!(!resident.keep_content_on_device(&gpu, &store, too_small).unwrap(), "a store over the budget");
+    assert!(resident.keep_content_on_device(&gpu, &store, usize::MAX).unwrap());
+    let users_there = resident.user_embeddings(&gpu, &store, &refs, HISTORY).unwrap();
+    let items_there = resident.item_embeddings(&gpu, &store, &items).unwrap();
+    assert!(users_there.iter().all(|v| v.is_finite()), "non-finite user embeddings");
+    assert_eq!(users_there, host_users, "user tower: device gather against host gather");
+    assert_eq!(items_there, host_items, "item tower: device gather against host gather");
+    let other_there = resident.user_embeddings(&gpu, &other, &other_refs, HISTORY).unwrap();
+    assert_eq!(other_there, host_other, "another store must be gathered on the host, not from the resident one");
+}
+
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(binary()).args(args).env_remove("RUST_BACKTRACE").output().unwrap()
 }

@@ -4,7 +4,7 @@ use crate::cli::Common;
 use crate::cuda::topk::TOPK_MAX_K;
 use crate::data::sequences;
 use crate::error::input;
-use crate::eval::gpu::{GpuRanker, open_towers};
+use crate::eval::gpu::{GpuRanker, keep_content_on_device, open_towers};
 use crate::eval::metrics::MetricsAccumulator;
 use crate::eval::run::{EvalOptions, EvalReport, evaluate, evaluate_with};
 use crate::eval::topk::counts;
@@ -129,6 +129,7 @@ pub fn run(args: &EvalArgs, common: &Common) -> Result<()> {
                 common
                     .notice(format!("note: --k above {TOPK_MAX_K}: the towers run on the GPU, the ranking on the CPU"));
             }
+            keep_content_on_device(common, &gpu, &mut towers, &store)?;
             let mut ranker = GpuRanker::new(&gpu, &mut towers, &store, &options.gallery, options.history)?;
             evaluate_with(&mut ranker, store.len(), &seqs.users, &options)?
         }

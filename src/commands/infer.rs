@@ -5,7 +5,7 @@ use crate::cli::Common;
 use crate::data::sequences;
 use crate::embed::store::{EMBEDDINGS, IDS, META};
 use crate::error::input;
-use crate::eval::gpu::open_towers;
+use crate::eval::gpu::{keep_content_on_device, open_towers};
 use crate::eval::towers::{item_embeddings, user_embeddings};
 use crate::fsutil::write_atomic;
 use crate::npy::{Dtype, NpyMatrixMut};
@@ -78,7 +78,10 @@ pub fn run(args: &InferArgs, common: &Common) -> Result<()> {
         let seqs = sequences::load(path, |id| store.row_of(id), args.skip_unknown)?;
         let users: Vec<_> = seqs.users.iter().collect();
         let values = match gpu.as_mut() {
-            Some((gpu, towers)) => towers.user_embeddings(gpu, &store, &users, args.history)?,
+            Some((gpu, towers)) => {
+                keep_content_on_device(common, gpu, towers, &store)?;
+                towers.user_embeddings(gpu, &store, &users, args.history)?
+            }
             None => user_embeddings(&params, &store, &users, args.history)?,
         };
         (users.iter().map(|u| u.user.clone()).collect(), values)

@@ -4,9 +4,12 @@
 //!
 //! Content is gathered on the host from the store, only the valid positions, packed, in fp16 (what the
 //! tower's first GEMM reads: the rounding `pack_rows_f32` would do on the device) and uploaded per pass;
-//! the activations live in one arena sized from a byte budget, so a pass holds as many rows as fit in it.
+//! or, after [`GpuTowers::keep_content_on_device`], the whole store sits on the device and a pass uploads
+//! only its row indices and gathers there. The activations live in one arena sized from a byte budget, so
+//! a pass holds as many rows as fit in it.
 
 use super::Gpu;
+use super::gpu::OutOfMemory;
 use super::memory::{Dev, DeviceBuffer};
 use super::pch::{Activations, GpuContent, GpuPch};
 use crate::data::sequences::UserSequence;
@@ -16,6 +19,7 @@ use anyhow::{Result, ensure};
 use cudarc::driver::result;
 use half::f16;
 use rayon::prelude::*;
+use std::path::PathBuf;
 
 /// Default bytes for the activation arena: large enough for passes of thousands of rows of `pch-base`
 /// (≈ 323 KB a row, docs/perf.md), small beside a 16 GB V100.
@@ -45,6 +49,19 @@ pub struct GpuTowers {
     content: Dev<f16>,
     _content: DeviceBuffer,
     max_rows: usize,
+    resident: Option<ResidentContent>,
+}
+
+/// A content store's rows on the device. A user's history items recur across users (a user tower pass of
+/// pch-base reads 8 KB of content a position), so uploading the store once and a 4-byte index a position
+/// replaces a host gather and upload of every position's row.
+struct ResidentContent {
+    /// Which store (its folder and row count): a pass over another store gathers on the host.
+    store: (PathBuf, usize),
+    table: Dev<f16>,
+    /// A pass's row indices.
+    index: Dev<i32>,
+    _buffers: [DeviceBuffer; 2],
 }
 
 impl GpuTowers {
@@ -59,7 +76,41 @@ impl GpuTowers {
         let acts = model.activations(gpu, max_rows, max_rows)?;
         let content_buffer = gpu.alloc(max_rows * cfg.d_content * 2, "the content of a tower pass")?;
         let content = content_buffer.view::<f16>(0, max_rows * cfg.d_content);
-        Ok(GpuTowers { model, acts, content, _content: content_buffer, max_rows })
+        Ok(GpuTowers { model, acts, content, _content: content_buffer, max_rows, resident: None })
+    }
+
+    /// Uploads every row of `store` (fp16, as passes read it) when that takes at most `budget` bytes and the
+    /// device has them, so that later passes over it gather on the device; says whether it did.
+    pub fn keep_content_on_device(&mut self, gpu: &Gpu, store: &ContentStore, budget: usize) -> Result<bool> {
+        let dc = self.config().d_content;
+        ensure!(store.dim() == dc, "the model reads {dc}-d content, the store holds {}-d embeddings", store.dim());
+        let bytes = store.len() * dc * 2;
+        if store.is_empty() || bytes > budget || store.len() > i32::MAX as usize {
+            return Ok(false);
+        }
+        let allocated = gpu
+            .alloc(bytes, "the content store")
+            .and_then(|table| Ok([table, gpu.alloc(self.max_rows * 4, "a pass's content rows")?]));
+        let buffers = match allocated {
+            Ok(buffers) => buffers,
+            Err(err) if err.downcast_ref::<OutOfMemory>().is_some() => return Ok(false),
+            Err(err) => return Err(err),
+        };
+        let table = buffers[0].view::<f16>(0, store.len() * dc);
+        // Up in slices of 64 MiB read from the memory-mapped store in parallel; `upload` stages each before
+        // returning, so the staging buffer is free again for the next.
+        let slice_rows = ((64 << 20) / (dc * 2)).clamp(1, store.len());
+        let mut staging = vec![f16::ZERO; slice_rows * dc];
+        for first in (0..store.len()).step_by(slice_rows) {
+            let n = slice_rows.min(store.len() - first);
+            let part = &mut staging[..n * dc];
+            part.par_chunks_mut(dc).enumerate().for_each(|(i, row)| store.read_row_f16(first + i, row));
+            gpu.upload(table.slice(first * dc, n * dc), part)?;
+        }
+        let index = buffers[1].view::<i32>(0, self.max_rows);
+        self.resident =
+            Some(ResidentContent { store: (store.dir.clone(), store.len()), table, index, _buffers: buffers });
+        Ok(true)
     }
 
     pub fn config(&self) -> &PchConfig {
@@ -86,11 +137,18 @@ impl GpuTowers {
         ensure!(lists.len() * len <= self.max_rows, "a tower pass of {} × {len} positions", lists.len());
         // Only the valid positions, packed, as training gathers them: no padding is copied.
         let rows: Vec<u32> = lists.iter().flat_map(|l| l.iter().copied()).collect();
-        let mut content = vec![f16::ZERO; rows.len() * dc];
-        content.par_chunks_mut(dc).zip(&rows).for_each(|(out, &r)| store.read_row_f16(r as usize, out));
-        gpu.upload(self.content, &content)?;
+        match &self.resident {
+            Some(resident) if resident.store == (store.dir.clone(), store.len()) => {
+                gpu.gather_rows_f16(self.content, resident.table, &rows, resident.index, dc)?
+            }
+            _ => {
+                let mut content = vec![f16::ZERO; rows.len() * dc];
+                content.par_chunks_mut(dc).zip(&rows).for_each(|(out, &r)| store.read_row_f16(r as usize, out));
+                gpu.upload(self.content, &content)?;
+            }
+        }
         let shape = PchBatchShape { batch: lists.len(), len, lengths };
-        let view = GpuContent::PackedF16(self.content.slice(0, content.len()));
+        let view = GpuContent::PackedF16(self.content.slice(0, rows.len() * dc));
         self.model.forward(gpu, &mut self.acts, view, &shape, mask)
     }
 

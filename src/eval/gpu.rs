@@ -5,6 +5,7 @@ use super::run::Ranker;
 use super::topk::{Hit, top_k_block};
 use crate::cli::Common;
 use crate::cuda::Gpu;
+use crate::cuda::gpu::gib;
 use crate::cuda::memory::{Dev, DeviceBuffer};
 use crate::cuda::topk::{GpuTopK, TOPK_MAX_K};
 use crate::cuda::towers::{GpuTowers, default_budget};
@@ -41,6 +42,21 @@ pub fn open_towers(
     let towers = GpuTowers::new(&gpu, params, budget, min_rows)
         .map_err(|err| err.context(format!("--device {}", common.device)))?;
     Ok(Some((gpu, towers)))
+}
+
+/// Keeps the content store on the device when it takes at most half the free device memory, so that tower
+/// passes (users' histories above all, whose items recur) gather their rows there; a store that does not fit
+/// is gathered on the host pass by pass, said in one line.
+pub fn keep_content_on_device(common: &Common, gpu: &Gpu, towers: &mut GpuTowers, store: &ContentStore) -> Result<()> {
+    let (free, _) = gpu.memory()?;
+    if !towers.keep_content_on_device(gpu, store, free / 2)? {
+        common.notice(format!(
+            "note: the content store ({}) does not fit in half the free device memory: tower passes gather it \
+             on the host",
+            gib(store.len() * store.dim() * 2)
+        ));
+    }
+    Ok(())
 }
 
 /// The GPU engine of `eval`: the gallery embedded once into device memory, users embedded per block and

@@ -1,5 +1,6 @@
-//! Launchers of kernels/pch_layout.cu: packing a padded batch's valid rows. Crate-private: the kernels trust
-//! the row map's contents, which only [`super::GpuPch`] builds (on the host, from a checked batch shape).
+//! Launchers of kernels/pch_layout.cu: packing a padded batch's valid rows, and gathering rows of a table
+//! on the device. Crate-private: the kernels trust the row map's contents, which only [`super::GpuPch`]
+//! builds (on the host, from a checked batch shape) or [`Gpu::gather_rows_f16`] checks.
 
 use crate::cuda::gpu::{Arg, Gpu};
 use crate::cuda::memory::Dev;
@@ -71,5 +72,28 @@ impl Gpu {
         // SAFETY: out covers rows·cols and src the whole padded batch, which every valid[r] < seqs·len
         // indexes (the map is built from the checked shape); 16-byte accesses for cols % 8 == 0.
         unsafe { self.launch(name, (self.grid_for(map.rows * cols / 8), 1), 256, 0, &args) }
+    }
+
+    /// `out[r] = table[rows[r]]` for fp16 rows of `cols` values (a multiple of 8), gathered on the device:
+    /// the indices go up through `index`, ordered on the compute stream before the gather that reads them.
+    pub(crate) fn gather_rows_f16(
+        &self,
+        out: Dev<f16>,
+        table: Dev<f16>,
+        rows: &[u32],
+        index: Dev<i32>,
+        cols: usize,
+    ) -> Result<()> {
+        ensure!(cols > 0 && table.len().is_multiple_of(cols), "gather: {table:?} is not rows of {cols}");
+        let table_rows = table.len() / cols;
+        int(table_rows, "table rows")?;
+        ensure!(
+            rows.iter().all(|&r| (r as usize) < table_rows),
+            "gather: a row index past the table's {table_rows} rows"
+        );
+        let host: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        self.upload(index, &host)?;
+        let map = RowMap { valid: index.slice(0, rows.len()), rows: rows.len(), seqs: table_rows, len: 1 };
+        self.pack_rows(out, GpuContent::F16(table), &map, cols)
     }
 }
