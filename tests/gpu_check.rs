@@ -121,29 +121,22 @@ impl Lease {
     }
 }
 
-/// Whether the tools the script runs are here; else the reason to skip.
-fn tools_missing() -> Option<String> {
+/// A lease of stand-ins, or `None` (said on stderr) where a tool the script runs is not installed.
+fn lease() -> Option<Lease> {
+    let found = |tool: &str| Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().ok();
     for tool in ["bash", "timeout", "tar", "python3"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map_or(true, |o| !o.status.success())
-        {
-            return Some(format!("{tool} is not installed"));
+        if !found(tool).is_some_and(|o| o.status.success()) {
+            eprintln!("skipping: {tool} is not installed");
+            return None;
         }
     }
-    None
-}
-
-fn real_python() -> String {
-    let found = Command::new("sh").args(["-c", "command -v python3"]).output().expect("sh runs");
-    String::from_utf8_lossy(&found.stdout).trim().to_string()
+    let python = found("python3").map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
+    Some(Lease::new(python))
 }
 
 #[test]
 fn a_budget_stops_a_step_and_a_second_call_finishes_the_rest() {
-    if let Some(why) = tools_missing() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let lease = Lease::new(real_python());
+    let Some(lease) = lease() else { return };
 
     // 20 s of budget, 10 kept for the archive: the quick steps pass, train-256's learn-kern sleeps past it.
     let (first, text) = lease.device(&["all", "--budget", "20"], &[("FAKE_SLOW", "train-256")]);
@@ -194,11 +187,7 @@ fn a_budget_stops_a_step_and_a_second_call_finishes_the_rest() {
 
 #[test]
 fn bad_calls_are_one_sentence_and_status_2() {
-    if let Some(why) = tools_missing() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let lease = Lease::new(real_python());
+    let Some(lease) = lease() else { return };
     let (unknown, text) = lease.device(&["warp-drive"], &[]);
     assert_eq!(unknown.status.code(), Some(2), "{text}");
     assert!(text.contains("no step or group named warp-drive"), "{text}");
