@@ -142,15 +142,13 @@ step_train_30() { train_vs_peers 30 learn-kern,eager; }
 step_train_256() { train_vs_peers 256 learn-kern,eager; }
 step_train_30_compile() { train_vs_peers 30 compile; }
 step_train_256_compile() { train_vs_peers 256 compile; }
-# Phase times need the eager step (a graph replay has none).
-step_train_1024() {
-    "$BIN"/learn-kern bench train --device cuda --preset pch-base --batch-users 1024 --history 80 --targets 40 \
-        --cuda-graphs off --warmup 3 --steps 10 --json "$REPORTS/learn-kern-train-b1024-eager.json"
+# learn-kern alone at B $1 without CUDA graphs: phase times need the eager step (a graph replay has none).
+train_eager() {
+    "$BIN"/learn-kern bench train --device cuda --preset pch-base --batch-users "$1" --history 80 --targets 40 \
+        --cuda-graphs off "${@:2}" --json "$REPORTS/learn-kern-train-b$1-eager.json"
 }
-step_train_30_eager() {
-    "$BIN"/learn-kern bench train --device cuda --preset pch-base --batch-users 30 --history 80 --targets 40 \
-        --cuda-graphs off --json "$REPORTS/learn-kern-train-b30-eager.json"
-}
+step_train_1024() { train_eager 1024 --warmup 3 --steps 10; }
+step_train_30_eager() { train_eager 30; }
 
 kernels() { "$BIN"/learn-kern bench kernels --device cuda --preset "$1" --json "$REPORTS/kernels-$1.json"; }
 step_kernels_7b() { kernels baichuan2-7b; }
@@ -191,15 +189,15 @@ PY
             python3 tools/peer/ratio_table.py "$REPORTS"/{learn-kern,torch-eager,torch-compile}-"$tag".json
             ;;
         train-1024 | train-30-eager)
-            python3 - "$REPORTS" "$step" <<'PY'
+            local b="${step#train-}"
+            python3 - "$REPORTS" "${b%-eager}" <<'PY'
 import json, os, sys
-name = {"train-1024": "learn-kern-train-b1024-eager.json", "train-30-eager": "learn-kern-train-b30-eager.json"}
 try:
-    r = json.load(open(os.path.join(sys.argv[1], name[sys.argv[2]])))
+    r = json.load(open(os.path.join(sys.argv[1], f"learn-kern-train-b{sys.argv[2]}-eager.json")))
 except (OSError, ValueError):
     sys.exit(0)
 line = f"pch-base B {r['batch_users']} without CUDA graphs: {r['steps_per_s']:.2f} steps/s, MFU {100 * r['mfu']:.0f}%"
-if sys.argv[2] == "train-1024":
+if sys.argv[2] == "1024":
     line += f"; InfoNCE {r['phases_ms']['infonce']:.2f} ms = {100 * r['infonce_fraction']:.1f}% of the update (target < 10%)"
 else:
     try:
@@ -269,7 +267,7 @@ device() {
     LEARN_KERN_CUDA_LIBS="$(cuda_lib_dirs)"
     export LEARN_KERN_REPO="$PWD" LEARN_KERN_BIN="$(cd "$BIN" && pwd)/learn-kern" LEARN_KERN_CACHE=/tmp/learn-kern-cache
     export RUST_BACKTRACE=1 PYTHONUNBUFFERED=1 GPU_TESTS
-    export -f $(compgen -A function | grep -E '^(step_|embed_vs_peers|train_vs_peers|kernels)')
+    export -f $(compgen -A function | grep -E '^(step_|embed_vs_peers|train_vs_peers|train_eager|kernels)')
     local summary="$state/summary.txt"
     echo "=== gpu-check.sh device ${words[*]} --budget $budget, $(date -u +%FT%TZ) ===" >>"$summary"
     [[ -f "$state/steps.tsv" ]] || printf 'step\tstatus\tseconds\tdate\n' >"$state/steps.tsv"

@@ -64,6 +64,12 @@ struct ResidentContent {
     _buffers: [DeviceBuffer; 2],
 }
 
+impl ResidentContent {
+    fn holds(&self, store: &ContentStore) -> bool {
+        self.store.0 == store.dir && self.store.1 == store.len()
+    }
+}
+
 impl GpuTowers {
     /// Uploads `params` and sizes passes to `budget` bytes of activations, but at least `min_rows` rows (a
     /// user's whole history must fit one pass). Refuses (as input errors) the configurations the GPU tower
@@ -138,7 +144,7 @@ impl GpuTowers {
         // Only the valid positions, packed, as training gathers them: no padding is copied.
         let rows: Vec<u32> = lists.iter().flat_map(|l| l.iter().copied()).collect();
         match &self.resident {
-            Some(resident) if resident.store == (store.dir.clone(), store.len()) => {
+            Some(resident) if resident.holds(store) => {
                 gpu.gather_rows_f16(self.content, resident.table, &rows, resident.index, dc)?
             }
             _ => {
