@@ -23,8 +23,15 @@
 // accumulators, on every GPU from sm_70. What is dropped (lo·lo, and lo's own rounding) is about 2⁻²² of
 // each term, against 2⁻²⁴ for the fp32 FMA loop this replaces, at several times its rate. The embeddings
 // are split once per launch (infonce_split; the model's are unit rows, far inside fp16's range, and τ is
-// applied to the fp32 sums, not to the halves); the gradient passes split their probability tiles in
-// shared memory, where every value is bounded: exp(s − N) ≤ 1 and g_q ≤ T ≤ NCE_MAX_TARGETS.
+// applied to the fp32 sums, not to the halves).
+//
+// The gradient products (P·V in infonce_dq, Pᵀ·U in infonce_dc) need no split: they take the probability
+// tile and the embeddings' hi halves alone, one wmma product instead of three. A term is then off by at most
+// 2⁻¹⁰ of itself (both factors rounded to fp16), in a sum of positive weights, where the towers' fp16
+// backward rounds the gradient it receives to 2⁻¹¹ anyway; the scores, whose error exp(s − N) multiplies by
+// s's ±1/τ range, keep the split. The probability tile is stored times NCE_P_SCALE, so that weights down to
+// 2⁻²¹ stay normal halves: exp(s − N) ≤ 1 and g_q ≤ T ≤ NCE_MAX_TARGETS bound every value by 2⁸, and
+// 2⁸·NCE_P_SCALE is under fp16's 65504. The scale, a power of two, comes off exactly with the weights.
 //
 // The gradients may carry a loss scale S (mixed-precision training): w = S/P instead of 1/P, and every
 // gradient flows from w. With S a power of two the scaled gradients are the unscaled ones times S exactly;
@@ -54,6 +61,7 @@
 #define NCE_CHUNK 32
 #define NCE_MAX_TARGETS 256
 #define NCE_LO_SCALE 2048.0f
+#define NCE_P_SCALE 128.0f
 #define NCE_LDS 80              // fp32 score rows: a warp's two rows in the element phase lie 16 banks apart
 #define NCE_LDP (NCE_TILE + 8)  // fp16 probability rows
 
@@ -102,18 +110,18 @@ extern "C" __global__ void infonce_split(f16* __restrict__ hi, f16* __restrict__
 
 // A pass's dynamic shared memory at width D: the hi and lo halves of a 64-row query tile and of a 64-row
 // column tile (rows of D + 8 halves, so that a fragment's 16 rows start in different banks), then one
-// region that holds in turn the fp32 score tile, the hi and lo halves of the probability tile, and at the
-// end the block's fp32 gradient rows.
+// region that holds in turn the fp32 score tile, the fp16 probability tile, and at the end the block's fp32
+// gradient rows.
 template <int D>
 struct NceShared {
     static constexpr int LDH = D + 8;
     static constexpr int LDG = D + 4;  // fp32 gradient rows
     static constexpr int TILE_HALVES = NCE_TILE * LDH;
-    static constexpr int SCORES = NCE_TILE * NCE_LDS * 4, PROBS = 2 * NCE_TILE * NCE_LDP * 2;
+    static constexpr int SCORES = NCE_TILE * NCE_LDS * 4, PROBS = NCE_TILE * NCE_LDP * 2;
     static constexpr int GRADS = NCE_TILE * LDG * 4;
     static constexpr int REGION = SCORES > PROBS ? (SCORES > GRADS ? SCORES : GRADS) : (PROBS > GRADS ? PROBS : GRADS);
     static constexpr int BYTES = 4 * TILE_HALVES * 2 + REGION;
-    f16 *qh, *ql, *ch, *cl, *ph, *pl;
+    f16 *qh, *ql, *ch, *cl, *p;
     float *s, *grads;
 };
 
@@ -128,8 +136,7 @@ __device__ __forceinline__ NceShared<D> nce_shared() {
     sh.ch = sh.ql + S::TILE_HALVES;
     sh.cl = sh.ch + S::TILE_HALVES;
     sh.s = sh.grads = reinterpret_cast<float*>(sh.cl + S::TILE_HALVES);
-    sh.ph = reinterpret_cast<f16*>(sh.s);
-    sh.pl = sh.ph + NCE_TILE * NCE_LDP;
+    sh.p = reinterpret_cast<f16*>(sh.s);
     return sh;
 }
 
@@ -142,10 +149,10 @@ __device__ __forceinline__ void load_split(f16* hi_tile, f16* lo_tile, const f16
 }
 
 // acc[j] += a·b for COLS / 16 column blocks of 16 from split operands: A (16 rows, K deep, row-major, ld
-// lda) and B (K × COLS, column-major when B_COL, i.e. its columns are rows of bh/bl, else row-major).
-// main gets hi·hi, cross hi·lo + lo·hi. One column block at a time, A reloaded for each: fewer fragments
-// live at once, so the passes fit NCE_MIN_BLOCKS' register cap without spilling.
-template <int K, int COLS, bool B_COL>
+// lda) and B (K × COLS, column-major: its columns are rows of bh/bl). main gets hi·hi, cross hi·lo + lo·hi.
+// One column block at a time, A reloaded for each: fewer fragments live at once, so the passes fit
+// NCE_MIN_BLOCKS' register cap without spilling.
+template <int K, int COLS>
 __device__ __forceinline__ void split_products(FragC main[COLS / 16], FragC cross[COLS / 16], const f16* ah,
                                                const f16* al, int lda, const f16* bh, const f16* bl, int ldb) {
 #pragma unroll
@@ -156,19 +163,11 @@ __device__ __forceinline__ void split_products(FragC main[COLS / 16], FragC cros
             FragB b_hi, b_lo;
             load_a_row(a_hi, ah + kk * 16, lda);
             load_a_row(a_lo, al + kk * 16, lda);
-            if (B_COL) {
-                load_b_col(b_hi, bh + j * 16 * ldb + kk * 16, ldb);
-                load_b_col(b_lo, bl + j * 16 * ldb + kk * 16, ldb);
-                mma_row_col(main[j], a_hi, b_hi);
-                mma_row_col(cross[j], a_hi, b_lo);
-                mma_row_col(cross[j], a_lo, b_hi);
-            } else {
-                load_b_row(b_hi, bh + kk * 16 * ldb + j * 16, ldb);
-                load_b_row(b_lo, bl + kk * 16 * ldb + j * 16, ldb);
-                mma_row_row(main[j], a_hi, b_hi);
-                mma_row_row(cross[j], a_hi, b_lo);
-                mma_row_row(cross[j], a_lo, b_hi);
-            }
+            load_b_col(b_hi, bh + j * 16 * ldb + kk * 16, ldb);
+            load_b_col(b_lo, bl + j * 16 * ldb + kk * 16, ldb);
+            mma_row_col(main[j], a_hi, b_hi);
+            mma_row_col(cross[j], a_hi, b_lo);
+            mma_row_col(cross[j], a_lo, b_hi);
         }
     }
 }
@@ -183,6 +182,31 @@ __device__ __forceinline__ void store_split(float* dst, int ld, FragC main[COLS 
     }
 }
 
+// N accumulators, zeroed.
+template <int N>
+__device__ __forceinline__ void zero_all(FragC acc[N]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) zero_c(acc[j]);
+}
+
+// acc[j] += a·b for COLS / 16 column blocks of 16, fp16 operands: A (16 rows, K deep, row-major, ld lda)
+// and B (K × COLS, row-major, ld ldb). A is loaded once per K step: with one accumulator per column block
+// the fragments fit the register cap without reloading it.
+template <int K, int COLS>
+__device__ __forceinline__ void half_products(FragC acc[COLS / 16], const f16* a, int lda, const f16* b, int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        FragA fa;
+        load_a_row(fa, a + kk * 16, lda);
+#pragma unroll
+        for (int j = 0; j < COLS / 16; ++j) {
+            FragB fb;
+            load_b_row(fb, b + kk * 16 * ldb + j * 16, ldb);
+            mma_row_row(acc[j], fa, fb);
+        }
+    }
+}
+
 // The unshifted, unmasked score tile Σ_k u_qk·v_ck of the query and column tiles into sh.s (τ not applied).
 template <int D>
 __device__ __forceinline__ void score_tile(const NceShared<D>& sh) {
@@ -190,13 +214,10 @@ __device__ __forceinline__ void score_tile(const NceShared<D>& sh) {
     const int warp = threadIdx.x / 32;
     const int r0 = 16 * (warp / 2), c0 = (NCE_TILE / 2) * (warp % 2);
     FragC main[NCE_TILE / 32], cross[NCE_TILE / 32];
-#pragma unroll
-    for (int j = 0; j < NCE_TILE / 32; ++j) {
-        zero_c(main[j]);
-        zero_c(cross[j]);
-    }
-    split_products<D, NCE_TILE / 2, true>(main, cross, sh.qh + r0 * LDH, sh.ql + r0 * LDH, LDH, sh.ch + c0 * LDH,
-                                          sh.cl + c0 * LDH, LDH);
+    zero_all<NCE_TILE / 32>(main);
+    zero_all<NCE_TILE / 32>(cross);
+    split_products<D, NCE_TILE / 2>(main, cross, sh.qh + r0 * LDH, sh.ql + r0 * LDH, LDH, sh.ch + c0 * LDH,
+                                    sh.cl + c0 * LDH, LDH);
     store_split<NCE_TILE / 2>(sh.s + r0 * NCE_LDS + c0, NCE_LDS, main, cross);
 }
 
@@ -316,20 +337,21 @@ __device__ __forceinline__ void row_terms(int q, int nq, const int* __restrict__
 // exp(s − N) of a score, 0 where it is masked (−∞; this also covers N = −∞, a row without negatives).
 __device__ __forceinline__ float prob(float s, float row_lse) { return s == neg_inf() ? 0.0f : expf(s - row_lse); }
 
-// The probability value of the thread's element (r, c) of the tile into the split tiles sh.ph, sh.pl.
+// The probability value of the thread's element (r, c) of the tile into sh.p, times NCE_P_SCALE.
 template <int D>
 __device__ __forceinline__ void store_prob(const NceShared<D>& sh, int r, int c, float p) {
-    split(p, sh.ph[r * NCE_LDP + c], sh.pl[r * NCE_LDP + c]);
+    sh.p[r * NCE_LDP + c] = f32_to_f16(p * NCE_P_SCALE);
 }
 
-// The warp's accumulators, main + cross·2⁻¹¹, into the block's fp32 gradient rows sh.grads, once every warp is
-// done with the tiles (the region is shared).
+// The warp's accumulators (sums times NCE_P_SCALE) into the block's fp32 gradient rows sh.grads, once every
+// warp is done with the tiles (the region is shared).
 template <int D>
-__device__ __forceinline__ void stage_grads(const NceShared<D>& sh, FragC main[D / 32], const FragC cross[D / 32]) {
+__device__ __forceinline__ void stage_grads(const NceShared<D>& sh, const FragC acc[D / 32]) {
     const int warp = threadIdx.x / 32;
+    float* dst = sh.grads + 16 * (warp / 2) * NceShared<D>::LDG + (D / 2) * (warp % 2);
     __syncthreads();
-    store_split<D / 2>(sh.grads + 16 * (warp / 2) * NceShared<D>::LDG + (D / 2) * (warp % 2), NceShared<D>::LDG, main,
-                       cross);
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) store_d_row(dst + j * 16, acc[j], NceShared<D>::LDG);
     __syncthreads();
 }
 
@@ -353,12 +375,8 @@ __device__ void dq_impl(float* __restrict__ d_users, const f16* __restrict__ q_h
     float row_lse[4], row_g[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) row_terms(first + ty + 16 * i, nq, q_user, lse, g, row_user[i], row_lse[i], row_g[i]);
-    FragC main[D / 32], cross[D / 32];
-#pragma unroll
-    for (int j = 0; j < D / 32; ++j) {
-        zero_c(main[j]);
-        zero_c(cross[j]);
-    }
+    FragC acc[D / 32];
+    zero_all<D / 32>(acc);
     const int r0 = 16 * (warp / 2), d0 = (D / 2) * (warp % 2);
     for (int c0 = 0; c0 < nc; c0 += NCE_TILE) {
         __syncthreads();
@@ -376,11 +394,10 @@ __device__ void dq_impl(float* __restrict__ d_users, const f16* __restrict__ q_h
 #pragma unroll
             for (int j = 0; j < 4; ++j) store_prob(sh, ty + 16 * i, tx + 16 * j, prob(s[i][j], row_lse[i]));
         __syncthreads();
-        split_products<NCE_TILE, D / 2, false>(main, cross, sh.ph + r0 * NCE_LDP, sh.pl + r0 * NCE_LDP, NCE_LDP,
-                                               sh.ch + d0, sh.cl + d0, LDH);
+        half_products<NCE_TILE, D / 2>(acc, sh.p + r0 * NCE_LDP, NCE_LDP, sh.ch + d0, LDH);
     }
-    stage_grads(sh, main, cross);
-    const float w = weights[1];
+    stage_grads<D>(sh, acc);
+    const float w = weights[1] / NCE_P_SCALE;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         if (row_user[i] < 0) continue;  // past the last query, or padding
@@ -412,12 +429,8 @@ __device__ void dc_impl(float* __restrict__ d_items, const f16* __restrict__ q_h
     const int c0 = blockIdx.x * NCE_TILE;
     load_split<D>(sh.ch, sh.cl, c_hi, c_lo, c0);
     load_columns(info, c_user, c_row, log_q, c0, nc);
-    FragC main[D / 32], cross[D / 32];
-#pragma unroll
-    for (int j = 0; j < D / 32; ++j) {
-        zero_c(main[j]);
-        zero_c(cross[j]);
-    }
+    FragC acc[D / 32];
+    zero_all<D / 32>(acc);
     const int r0 = 16 * (warp / 2), d0 = (D / 2) * (warp % 2);
     for (int first = 0; first < nq; first += NCE_TILE) {
         __syncthreads();
@@ -440,11 +453,10 @@ __device__ void dc_impl(float* __restrict__ d_items, const f16* __restrict__ q_h
             for (int j = 0; j < 4; ++j)
                 store_prob(sh, tx + 16 * j, ty + 16 * i, row_g[i] * prob(s[i][j], row_lse[i]));
         __syncthreads();
-        split_products<NCE_TILE, D / 2, false>(main, cross, sh.ph + r0 * NCE_LDP, sh.pl + r0 * NCE_LDP, NCE_LDP,
-                                               sh.qh + d0, sh.ql + d0, LDH);
+        half_products<NCE_TILE, D / 2>(acc, sh.p + r0 * NCE_LDP, NCE_LDP, sh.qh + d0, LDH);
     }
-    stage_grads(sh, main, cross);
-    const float scale = weights[1] * inv_tau;
+    stage_grads<D>(sh, acc);
+    const float scale = weights[1] * inv_tau / NCE_P_SCALE;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int r = ty + 16 * i, c = c0 + r;

@@ -293,10 +293,10 @@ fn kernel_names(d: usize) -> Option<[&'static str; 3]> {
 
 /// Dynamic shared memory of the tiled passes at width d (NceShared in infonce.cu): the hi and lo halves of
 /// a query and a column tile (rows of d + 8 halves), and one region for the fp32 score tile (rows of 80),
-/// the split probability tile (rows of 72 halves) or the block's fp32 gradient rows (rows of d + 4).
+/// the fp16 probability tile (rows of 72 halves) or the block's fp32 gradient rows (rows of d + 4).
 fn shared_bytes(d: usize) -> usize {
     let tiles = 4 * TILE * (d + 8) * 2;
-    let region = [TILE * 80 * 4, 2 * TILE * (TILE + 8) * 2, TILE * (d + 4) * 4].into_iter().max().unwrap_or(0);
+    let region = [TILE * 80 * 4, TILE * (TILE + 8) * 2, TILE * (d + 4) * 4].into_iter().max().unwrap_or(0);
     tiles + region
 }
 
