@@ -150,19 +150,20 @@ __device__ __forceinline__ void load_split(f16* hi_tile, f16* lo_tile, const f16
 
 // acc[j] += a·b for COLS / 16 column blocks of 16 from split operands: A (16 rows, K deep, row-major, ld
 // lda) and B (K × COLS, column-major: its columns are rows of bh/bl). main gets hi·hi, cross hi·lo + lo·hi.
-// One column block at a time, A reloaded for each: fewer fragments live at once, so the passes fit
-// NCE_MIN_BLOCKS' register cap without spilling.
+// A is loaded once per K step for every column block (shared memory, not the tensor cores, bounds these
+// products on an H100: docs/perf.md). Unrolled by two, not fully: the full unroll's fragments spill at
+// sm_90's 128-register cap (NCE_MIN_BLOCKS) in infonce_dc_d64.
 template <int K, int COLS>
 __device__ __forceinline__ void split_products(FragC main[COLS / 16], FragC cross[COLS / 16], const f16* ah,
                                                const f16* al, int lda, const f16* bh, const f16* bl, int ldb) {
+#pragma unroll 2
+    for (int kk = 0; kk < K / 16; ++kk) {
+        FragA a_hi, a_lo;
+        load_a_row(a_hi, ah + kk * 16, lda);
+        load_a_row(a_lo, al + kk * 16, lda);
 #pragma unroll
-    for (int j = 0; j < COLS / 16; ++j) {
-#pragma unroll
-        for (int kk = 0; kk < K / 16; ++kk) {
-            FragA a_hi, a_lo;
+        for (int j = 0; j < COLS / 16; ++j) {
             FragB b_hi, b_lo;
-            load_a_row(a_hi, ah + kk * 16, lda);
-            load_a_row(a_lo, al + kk * 16, lda);
             load_b_col(b_hi, bh + j * 16 * ldb + kk * 16, ldb);
             load_b_col(b_lo, bl + j * 16 * ldb + kk * 16, ldb);
             mma_row_col(main[j], a_hi, b_hi);
