@@ -318,3 +318,32 @@ fn gemm_matches_the_cpu_in_f64() {
     let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
     assert_close(&got, &want, |w| w.abs() * F16_HALF_ULP + 1e-4, "gemm");
 }
+
+#[test]
+fn the_launch_profiler_times_every_kernel_and_gemm_while_on_and_nothing_else() {
+    let Some(gpu) = gpu() else { return };
+    let (m, n, k) = (64, 96, 128);
+    let (_x, x) = poisoned::<f16>(&gpu, m * k);
+    let (_w, w) = poisoned::<f16>(&gpu, n * k);
+    let (_y, y) = poisoned::<f16>(&gpu, m * n);
+    let work = || {
+        gpu.fill_uniform_f16(x, 1, 0.0, 1.0).unwrap();
+        gpu.fill_uniform_f16(w, 2, 0.0, 1.0).unwrap();
+        gpu.gemm(y, x, w, m, n, k).unwrap();
+        gpu.sync().unwrap();
+    };
+    work();
+    assert!(gpu.profiler.take().unwrap().is_empty(), "the profiler recorded while off");
+    gpu.profiler.start(&gpu.ctx);
+    for _ in 0..2 {
+        work();
+        let got = gpu.profiler.take().unwrap();
+        let labels: Vec<&str> = got.iter().map(|t| t.label.as_str()).collect();
+        assert_eq!(labels, ["fill_uniform_f16", "fill_uniform_f16", "gemm a_bt 64×96×128"]);
+        assert_eq!(got.iter().map(|t| t.flops).collect::<Vec<_>>(), [0.0, 0.0, 2.0 * (m * n * k) as f64]);
+        assert!(got.iter().all(|t| t.ms.is_finite() && t.ms >= 0.0), "{got:?}");
+    }
+    gpu.profiler.stop();
+    work();
+    assert!(gpu.profiler.take().unwrap().is_empty(), "the profiler recorded after stop");
+}

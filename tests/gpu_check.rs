@@ -12,10 +12,12 @@ use std::process::{Command, Output};
 /// learn-kern's stand-in: writes the report `bench embed|train|kernels` would write; sleeps a minute when
 /// FAKE_SLOW names the run (`train-256`, say), so the budget has something to stop.
 const FAKE_LEARN_KERN: &str = r#"#!/usr/bin/env bash
-kind=$2 json=/dev/null lengths=/dev/null b=0 preset=tiny
+kind=$2 json=/dev/null lengths=/dev/null b=0 preset=tiny profile=null
 while [[ $# -gt 0 ]]; do
     case $1 in
         --json) json=$2; shift ;;
+        --profile) profile='{"launches": [{"name": "infonce_dc_d64", "ms_per_update": 1.25, "share": 0.5,
+                   "calls_per_update": 1, "tflops": null}]}'; shift ;;
         --save-lengths) lengths=$2; shift ;;
         --batch-users) b=$2; shift ;;
         --preset) preset=$2; shift ;;
@@ -31,7 +33,7 @@ case $kind in
     train)
         echo '{"bench": "train", "engine": "learn-kern", "preset": "pch-base", "batch_users": '$b',
                "history": 80, "targets": 40, "steps_per_s": 100, "tflops": 300, "gemm_peak_tflops": 600,
-               "mfu": 0.5, "phases_ms": {"infonce": 2.5}, "infonce_fraction": 0.05}' >"$json" ;;
+               "mfu": 0.5, "phases_ms": {"infonce": 2.5}, "infonce_fraction": 0.05, "profile": '"$profile"'}' >"$json" ;;
     kernels) echo "kernel rmsnorm_residual 10 us"; echo '{}' >"$json" ;;
 esac
 "#;
@@ -177,6 +179,7 @@ fn a_budget_stops_a_step_and_a_second_call_finishes_the_rest() {
         assert!(second_call.contains(&format!("[{step}] passed")), "{step} did not pass\n{second_call}");
     }
     assert!(second_call.contains("InfoNCE 2.50 ms = 5.0% of the update"), "{second_call}");
+    assert!(second_call.contains("1.250 ms  50.0%  x1    infonce_dc_d64"), "the profile's lines\n{second_call}");
 
     // --again reruns a finished step; a failing test binary fails it and is named.
     let (third, text) = lease.device(&["tests", "--again"], &[("FAKE_FAIL", "cuda_topk")]);

@@ -15,8 +15,9 @@
 #     train-30        bench train, pch-base, B 30, against PyTorch AMP eager
 #     train-256       the same at B 256 (the MFU target)
 #     train-30-compile, train-256-compile   the torch.compile peer at each (minutes of compiling each)
-#     train-1024      learn-kern alone at B 1024 without CUDA graphs: the InfoNCE kernels' share of the update
-#     train-30-eager  learn-kern alone at B 30 without CUDA graphs: what the graphs gain
+#     train-1024      learn-kern alone at B 1024 without CUDA graphs: the InfoNCE kernels' share of the update,
+#                     and a profile (device time per kernel and GEMM shape: bench train --profile)
+#     train-30-eager  learn-kern alone at B 30 without CUDA graphs: what the graphs gain, and a profile
 #     embed-small     bench embed, small, against the same peers
 #     kernels-7b, kernels-small   bench kernels: each kernel against the measured copy and GEMM rates
 # Groups: tests = probe tests; embed = probe embed-7b embed-small kernels-7b kernels-small;
@@ -147,8 +148,8 @@ train_eager() {
     "$BIN"/learn-kern bench train --device cuda --preset pch-base --batch-users "$1" --history 80 --targets 40 \
         --cuda-graphs off "${@:2}" --json "$REPORTS/learn-kern-train-b$1-eager.json"
 }
-step_train_1024() { train_eager 1024 --warmup 3 --steps 10; }
-step_train_30_eager() { train_eager 30; }
+step_train_1024() { train_eager 1024 --warmup 3 --steps 10 --profile 3; }
+step_train_30_eager() { train_eager 30 --profile 5; }
 
 kernels() { "$BIN"/learn-kern bench kernels --device cuda --preset "$1" --json "$REPORTS/kernels-$1.json"; }
 step_kernels_7b() { kernels baichuan2-7b; }
@@ -206,6 +207,10 @@ else:
     except (OSError, ValueError):
         pass
 print(line)
+p = r.get("profile") or {}
+for l in (p.get("launches") or [])[:10]:
+    rate = f", {l['tflops']:.0f} TFLOP/s" if l.get("tflops") else ""
+    print(f"  {l['ms_per_update']:8.3f} ms {100 * l['share']:5.1f}%  x{l['calls_per_update']:<4g} {l['name']}{rate}")
 PY
             ;;
         kernels-*) tail -n 15 "$log" ;;

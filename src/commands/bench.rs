@@ -65,6 +65,10 @@ pub struct TrainBench {
     /// host (and times the phases of the update).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub cuda_graphs: String,
+    /// Updates run after the timed ones with each launch timed: device time per kernel and GEMM shape
+    /// (`profile` in the report). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub profile: usize,
 }
 
 impl TrainBench {
@@ -94,6 +98,7 @@ impl TrainBench {
             steps: self.steps,
             seed: self.seed,
             cuda_graphs: self.cuda_graphs == "on",
+            profile: self.profile,
         })
     }
 }
@@ -286,6 +291,9 @@ fn embed_summary(r: &Value) -> String {
     )
 }
 
+/// Launches a profile lists in the text summary (the JSON report has them all).
+const PROFILE_LINES: usize = 15;
+
 /// The human-readable lines of a `bench train` report.
 fn train_summary(r: &Value) -> String {
     let gib = |bytes: &Value| bytes.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
@@ -327,7 +335,31 @@ fn train_summary(r: &Value) -> String {
         gib(&r["memory"]["device_used_bytes"]),
         gib(&r["memory"]["device_total_bytes"]),
         r["skipped_steps"],
-    )
+    ) + &profile_summary(&r["profile"])
+}
+
+/// The longest launches of a `bench train --profile` report, one line each; nothing without a profile.
+fn profile_summary(p: &Value) -> String {
+    let Some(launches) = p["launches"].as_array() else { return String::new() };
+    let mut out = format!(
+        "\n  profile of {} updates, launches from the host: {:.2} ms of device time an update in {} kernels and \
+         GEMM shapes (update median {:.2} ms); the longest:",
+        p["updates"],
+        num(p, "profiled_ms_per_update"),
+        launches.len(),
+        num(p, "update_ms"),
+    );
+    for l in launches.iter().take(PROFILE_LINES) {
+        let tflops = l["tflops"].as_f64().map(|x| format!(", {x:.1} TFLOP/s")).unwrap_or_default();
+        out += &format!(
+            "\n    {:>8.3} ms {:>5.1}%  ×{:<4} {}{tflops}",
+            num(l, "ms_per_update"),
+            100.0 * num(l, "share"),
+            num(l, "calls_per_update"),
+            l["name"].as_str().unwrap_or("?"),
+        );
+    }
+    out
 }
 
 /// The table of a `bench kernels` report.
@@ -365,6 +397,19 @@ fn kernels_summary(r: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_profile_lists_its_longest_launches_with_gemm_rates() {
+        assert_eq!(profile_summary(&Value::Null), "");
+        let mut summary = crate::cuda::profile::ProfileSummary::default();
+        let timed = |label: &str, flops: f64, ms: f64| crate::cuda::profile::Timed { label: label.into(), flops, ms };
+        summary.add_update(vec![timed("layernorm_fwd", 0.0, 0.25), timed("gemm a_bt 64×64×64", 4e9, 1.0)]);
+        let text = profile_summary(&summary.to_json(1.5));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].contains("1.25 ms of device time an update in 2 kernels") && lines[1].contains("1.50 ms"));
+        assert_eq!(lines[2], "       1.000 ms  80.0%  ×1    gemm a_bt 64×64×64, 4.0 TFLOP/s");
+        assert_eq!(lines[3], "       0.250 ms  20.0%  ×1    layernorm_fwd");
+    }
 
     #[test]
     fn lengths_files_are_checked_line_by_line() {

@@ -6,6 +6,7 @@
 //! catalogue), and the FLOP count is its formula, so the two reports compare line by line.
 
 use super::bench::{device_json, gemm_tflops};
+use super::profile::ProfileSummary;
 use super::trainer::{ContentRows, GpuTrainer, Launch};
 use crate::cpu::infonce::LossPositions;
 use crate::data::sequences::UserSequence;
@@ -37,6 +38,9 @@ pub struct TrainBenchSpec {
     pub seed: u64,
     /// Replay the step from CUDA graphs (the phases are then not timed) or launch every kernel.
     pub cuda_graphs: bool,
+    /// Updates after the timed ones with every launch timed (crate::cuda::profile); 0 for none. They run
+    /// the timed updates' launches (a graph's, made from the host, with graphs on).
+    pub profile: usize,
 }
 
 /// Random unit content rows, fp16, in host memory.
@@ -188,6 +192,8 @@ pub fn bench_train(ordinal: usize, spec: &TrainBenchSpec, quiet: bool) -> Result
             (!all.is_empty()).then(|| percentile(all, 0.5))
         })
         .collect();
+    let profile =
+        (spec.profile > 0).then(|| profile_updates(&mut trainer, spec, &batch, batches, 1e3 * median)).transpose()?;
     let flops = model_flops(c, b, h, t, c.item_tower);
     let tflops = flops / median / 1e12;
     let (free, total) = trainer.gpu().memory()?;
@@ -235,7 +241,32 @@ pub fn bench_train(ordinal: usize, spec: &TrainBenchSpec, quiet: bool) -> Result
         "loss_last": losses.last(),
         "compile_s": Value::Null,
         "skipped_steps": skipped,
+        "profile": profile,
     }))
+}
+
+/// `spec.profile` more updates with each launch timed, over the bench's batches again from the first:
+/// device time per kernel and GEMM shape, against the timed updates' median of `update_ms`.
+fn profile_updates<'u>(
+    trainer: &mut GpuTrainer,
+    spec: &TrainBenchSpec,
+    batch: &impl Fn(usize) -> Vec<&'u UserSequence>,
+    batches: usize,
+    update_ms: f64,
+) -> Result<Value> {
+    if spec.cuda_graphs {
+        trainer.set_launch(Launch::Bucketed);
+    }
+    let mut summary = ProfileSummary::default();
+    let profiler = trainer.gpu().profiler.clone();
+    profiler.start(&trainer.gpu().ctx);
+    for i in 0..spec.profile {
+        let next = batch((i + 1) % batches);
+        trainer.step(&batch(i % batches), Some(&next), 1e-4)?;
+        summary.add_update(profiler.take()?);
+    }
+    profiler.stop();
+    Ok(summary.to_json(update_ms))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 use super::libs;
 use super::memory::Dev;
+use super::profile::Profiler;
 use anyhow::{Result, anyhow, bail, ensure};
 use cudarc::driver::{CudaContext, CudaStream};
 use half::f16;
@@ -95,6 +96,9 @@ pub struct Blas {
     lib: &'static Library,
     handle: Handle,
     ctx: Arc<CudaContext>,
+    /// The stream the handle enqueues on, and the GPU's launch timer, which times each GEMM there.
+    stream: Arc<CudaStream>,
+    profiler: Profiler,
     /// cuBLAS's version, e.g. 120903 for 12.9.3.
     pub version: i32,
 }
@@ -104,14 +108,20 @@ pub struct Blas {
 unsafe impl Send for Blas {}
 
 impl Blas {
-    /// A handle that enqueues on `stream` and uses `workspace` (no allocation of its own during GEMMs).
-    pub fn new(ctx: &Arc<CudaContext>, stream: &CudaStream, workspace: Dev<u8>) -> Result<Self> {
+    /// A handle that enqueues on `stream` and uses `workspace` (no allocation of its own during GEMMs); its
+    /// GEMMs are timed by `profiler` when that is on.
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        workspace: Dev<u8>,
+        profiler: Profiler,
+    ) -> Result<Self> {
         let lib = library().map_err(|why| anyhow!("cuBLAS is needed for the GEMMs: {why}"))?;
         ctx.bind_to_thread()?;
         let mut handle: Handle = std::ptr::null_mut();
         // SAFETY: a valid out-pointer; the context is current.
         check(unsafe { (lib.api.create)(&mut handle) }, "cublasCreate")?;
-        let mut blas = Blas { lib, handle, ctx: ctx.clone(), version: 0 };
+        let mut blas = Blas { lib, handle, ctx: ctx.clone(), stream: stream.clone(), profiler, version: 0 };
         // SAFETY: a live handle, a stream of the current context and a workspace the caller keeps alive.
         check(unsafe { (lib.api.set_stream)(handle, stream.cu_stream()) }, "cublasSetStream")?;
         check(
@@ -144,7 +154,7 @@ impl Blas {
         // Column-major cuBLAS sees the row-major y[m, n] as yᵀ[n, m] = W · xᵀ: A = W stored as Wᵀ[k, n]
         // (transposed, lda = k), B = xᵀ[k, m] (as is, ldb = k), C = yᵀ (ldc = n).
         let (a, b) = (Operand { ptr: w.ptr(), op: OP_T, ld: k }, Operand { ptr: x.ptr(), op: OP_N, ld: k });
-        self.gemm([m, n, k], a, b, (y.ptr(), R_16F), accumulate)
+        self.gemm("a_bt", [m, n, k], a, b, (y.ptr(), R_16F), accumulate)
     }
 
     /// `y[m, n] = x[m, k] · w[k, n]` (+ `y` when `accumulate`), row-major, fp16 result: the input gradient
@@ -163,7 +173,7 @@ impl Blas {
         ensure!(y.len() >= m * n && x.len() >= m * k && w.len() >= k * n, "gemm {m}×{n}×{k}: operands too small");
         // yᵀ[n, m] = wᵀ[n, k] · xᵀ[k, m]: the row-major w[k, n] is the column-major wᵀ (lda = n).
         let (a, b) = (Operand { ptr: w.ptr(), op: OP_N, ld: n }, Operand { ptr: x.ptr(), op: OP_N, ld: k });
-        self.gemm([m, n, k], a, b, (y.ptr(), R_16F), accumulate)
+        self.gemm("a_b", [m, n, k], a, b, (y.ptr(), R_16F), accumulate)
     }
 
     /// `y[m, n] += a[k, m]ᵀ · b[k, n]` into fp32, row-major: the weight gradient `dYᵀ · X` of a linear layer
@@ -173,12 +183,20 @@ impl Blas {
         // yᵀ[n, m] = bᵀ[n, k] · a[k, m]: b[k, n] row-major is the column-major bᵀ (ldb = n); a[k, m] row-major
         // is the column-major aᵀ[m, k] (ld = m), transposed back.
         let (a, b) = (Operand { ptr: b.ptr(), op: OP_N, ld: n }, Operand { ptr: a.ptr(), op: OP_T, ld: m });
-        self.gemm([m, n, k], a, b, (y.ptr(), R_32F), true)
+        self.gemm("at_b_acc", [m, n, k], a, b, (y.ptr(), R_32F), true)
     }
 
     /// The column-major product `C[n, m] = op(A)[n, k] · op(B)[k, m]` (+ C) that each row-major layout above
-    /// maps onto: fp16 operands, fp32 accumulation, C of type `c.1`.
-    fn gemm(&self, [m, n, k]: [usize; 3], a: Operand, b: Operand, c: (u64, c_int), accumulate: bool) -> Result<()> {
+    /// maps onto: fp16 operands, fp32 accumulation, C of type `c.1`. `what` names the layout in a profile.
+    fn gemm(
+        &self,
+        what: &str,
+        [m, n, k]: [usize; 3],
+        a: Operand,
+        b: Operand,
+        c: (u64, c_int),
+        accumulate: bool,
+    ) -> Result<()> {
         let dims = [m, n, k, a.ld, b.ld].map(c_int::try_from);
         let [Ok(mi), Ok(ni), Ok(ki), Ok(lda), Ok(ldb)] = dims else {
             bail!("gemm {m}×{n}×{k}: a dimension exceeds cuBLAS's int range")
@@ -188,32 +206,35 @@ impl Blas {
         }
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         self.ctx.bind_to_thread()?;
-        // SAFETY: every operand holds the elements the dimensions reach (checked by the callers) and belongs
-        // to this handle's context; alpha and beta are f32 as COMPUTE_32F requires.
-        let status = unsafe {
-            (self.lib.api.gemm_ex)(
-                self.handle,
-                a.op,
-                b.op,
-                ni,
-                mi,
-                ki,
-                (&alpha as *const f32).cast(),
-                a.ptr as *const c_void,
-                R_16F,
-                lda,
-                b.ptr as *const c_void,
-                R_16F,
-                ldb,
-                (&beta as *const f32).cast(),
-                c.0 as *mut c_void,
-                c.1,
-                ni,
-                COMPUTE_32F,
-                GEMM_DEFAULT,
-            )
-        };
-        check(status, "cublasGemmEx")
+        let label = || format!("gemm {what} {m}×{n}×{k}");
+        self.profiler.time(&self.stream, label, 2.0 * (m * n * k) as f64, || {
+            // SAFETY: every operand holds the elements the dimensions reach (checked by the callers) and belongs
+            // to this handle's context; alpha and beta are f32 as COMPUTE_32F requires.
+            let status = unsafe {
+                (self.lib.api.gemm_ex)(
+                    self.handle,
+                    a.op,
+                    b.op,
+                    ni,
+                    mi,
+                    ki,
+                    (&alpha as *const f32).cast(),
+                    a.ptr as *const c_void,
+                    R_16F,
+                    lda,
+                    b.ptr as *const c_void,
+                    R_16F,
+                    ldb,
+                    (&beta as *const f32).cast(),
+                    c.0 as *mut c_void,
+                    c.1,
+                    ni,
+                    COMPUTE_32F,
+                    GEMM_DEFAULT,
+                )
+            };
+            check(status, "cublasGemmEx")
+        })
     }
 }
 

@@ -8,6 +8,7 @@
 use super::cublas::Blas;
 use super::kernels::Kernels;
 use super::memory::{Dev, DeviceBuffer, is_out_of_memory};
+use super::profile::Profiler;
 use anyhow::{Context, Result, anyhow};
 use cudarc::driver::{CudaContext, CudaStream, result, sys};
 use std::ffi::c_void;
@@ -60,6 +61,8 @@ pub struct Gpu {
     /// Shared memory one block may opt in to.
     pub max_shared_per_block: usize,
     pub kernels: Kernels,
+    /// Times each launch and GEMM on the compute stream when started (`bench train --profile`).
+    pub profiler: Profiler,
     // Field order is drop order: the handle before its workspace, both before the stream and context.
     pub blas: Blas,
     _blas_workspace: DeviceBuffer,
@@ -86,7 +89,8 @@ impl Gpu {
             attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let kernels = Kernels::load(&ctx).with_context(|| format!("cuda:{ordinal}: loading the kernels"))?;
         let blas_workspace = DeviceBuffer::new(&ctx, BLAS_WORKSPACE)?;
-        let blas = Blas::new(&ctx, &stream, blas_workspace.all())?;
+        let profiler = Profiler::default();
+        let blas = Blas::new(&ctx, &stream, blas_workspace.all(), profiler.clone())?;
         let gpu = Gpu {
             ordinal,
             name: ctx.name()?,
@@ -95,6 +99,7 @@ impl Gpu {
             multiprocessors,
             max_shared_per_block,
             kernels,
+            profiler,
             blas,
             _blas_workspace: blas_workspace,
             stream,
@@ -203,18 +208,25 @@ impl Gpu {
             .collect();
         let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
         self.ctx.bind_to_thread()?;
-        // SAFETY: the caller's contract; `slots` outlives the call, which copies the parameters.
-        unsafe {
-            result::launch_kernel(
-                function.cu_function(),
-                (grid.0, grid.1, 1),
-                (block, 1, 1),
-                shared,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .with_context(|| format!("cuda:{}: launching {name}", self.ordinal))
+        self.profiler.time(
+            &self.stream,
+            || name.to_owned(),
+            0.0,
+            || {
+                // SAFETY: the caller's contract; `slots` outlives the call, which copies the parameters.
+                unsafe {
+                    result::launch_kernel(
+                        function.cu_function(),
+                        (grid.0, grid.1, 1),
+                        (block, 1, 1),
+                        shared,
+                        self.stream.cu_stream(),
+                        &mut params,
+                    )
+                }
+                .with_context(|| format!("cuda:{}: launching {name}", self.ordinal))
+            },
+        )
     }
 
     /// Blocks for a grid-stride loop over `work` items of 256 threads: enough to fill the GPU, no more.

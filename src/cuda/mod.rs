@@ -15,6 +15,7 @@ pub mod memory;
 pub mod nvrtc;
 pub mod ops;
 pub mod pch;
+pub mod profile;
 pub mod topk;
 pub mod towers;
 pub mod train_ops;
