@@ -16,8 +16,9 @@ kind=$2 json=/dev/null lengths=/dev/null b=0 preset=tiny profile=null
 while [[ $# -gt 0 ]]; do
     case $1 in
         --json) json=$2; shift ;;
-        --profile) profile='{"launches": [{"name": "infonce_dc_d64", "ms_per_update": 1.25, "share": 0.5,
-                   "calls_per_update": 1, "tflops": null}]}'; shift ;;
+        --profile) (($2 > 0)) && profile='{"per": "update", "profiled_ms": 2.5, "measured_ms": 2.6,
+                   "launches": [{"name": "infonce_dc_d64", "ms": 1.25, "share": 0.5, "calls": 1, "tflops": null}]}'
+                   shift ;;
         --save-lengths) lengths=$2; shift ;;
         --batch-users) b=$2; shift ;;
         --preset) preset=$2; shift ;;

@@ -6,7 +6,7 @@
 #   tools/peer/embed_hf.py bs1       the official LEARN extraction style: batch size 1, fp16
 #
 # usage: tools/bench-vs-peers.sh [embed] [--preset P] [--batch-tokens N] [--items N] [--bs1-items N] [--bin PATH]
-#                                [--out DIR]
+#                                [--out DIR] [--profile N]
 # Defaults: baichuan2-7b, 8192 tokens, 2048 items of 16–128 tokens, the first 256 of them for bs1 (a rate,
 # so fewer items only shorten the run), target/release/learn-kern, reports in ./bench-out (or $OUT).
 #
@@ -15,20 +15,23 @@
 #   tools/peer/train_torch.py eager     the official LEARN module structure (BertEncoder, causal mask), AMP fp16
 #   tools/peer/train_torch.py compile   the same under torch.compile (compile time reported apart)
 # usage: tools/bench-vs-peers.sh train [--preset P] [--batch-users B] [--history H] [--targets T] [--bin PATH]
-#                                      [--out DIR] [--sides learn-kern,eager,compile]
+#                                      [--out DIR] [--sides learn-kern,eager,compile] [--profile N]
 # Defaults: pch-base, 30 users of 80 history and 40 target items (SPEC §7), all three sides. --sides runs only
 # those named and keeps the others' reports from an earlier run of the same shape in DIR for the table
 # (tools/gpu-check.sh runs torch.compile, the slow one to start, as a step of its own).
+# --profile N: learn-kern profiles N more batches or updates after its timed ones (`bench --profile`: device
+# time per kernel and GEMM shape in its report); its timed figures are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == train ]]; then
     shift
     preset=pch-base batch_users=30 history=80 targets=40
-    bin=target/release/learn-kern out="${OUT:-bench-out}" sides=learn-kern,eager,compile
+    bin=target/release/learn-kern out="${OUT:-bench-out}" sides=learn-kern,eager,compile profile=0
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --sides) sides="$2"; shift 2 ;;
+            --profile) profile="$2"; shift 2 ;;
             --preset) preset="$2"; shift 2 ;;
             --batch-users) batch_users="$2"; shift 2 ;;
             --history) history="$2"; shift 2 ;;
@@ -52,7 +55,8 @@ if [[ "${1:-}" == train ]]; then
     failed=0
     if [[ ",$sides," == *,learn-kern,* ]]; then
         rm -f "$out/learn-kern-$tag.json"
-        "$bin" bench train --device cuda "${shape[@]}" --json "$out/learn-kern-$tag.json" >/dev/null ||
+        "$bin" bench train --device cuda "${shape[@]}" --profile "$profile" --json "$out/learn-kern-$tag.json" \
+            >/dev/null ||
             { echo "bench-vs-peers.sh: learn-kern bench train failed" >&2; failed=1; }
     fi
     for mode in eager compile; do
@@ -67,10 +71,11 @@ if [[ "${1:-}" == train ]]; then
 fi
 if [[ "${1:-}" == embed ]]; then shift; fi
 
-preset=baichuan2-7b batch_tokens=8192 items=2048 bs1_items=256
+preset=baichuan2-7b batch_tokens=8192 items=2048 bs1_items=256 profile=0
 bin=target/release/learn-kern out="${OUT:-bench-out}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --profile) profile="$2"; shift 2 ;;
         --preset) preset="$2"; shift 2 ;;
         --batch-tokens) batch_tokens="$2"; shift 2 ;;
         --items) items="$2"; shift 2 ;;
@@ -86,7 +91,7 @@ lengths="$out/lengths-$tag.txt"
 rm -f "$out"/{learn-kern,hf-batched,hf-bs1}-"$tag".json  # no stale row from an earlier run
 
 "$bin" bench embed --device cuda --preset "$preset" --batch-tokens "$batch_tokens" --items "$items" \
-    --save-lengths "$lengths" --json "$out/learn-kern-$tag.json"
+    --profile "$profile" --save-lengths "$lengths" --json "$out/learn-kern-$tag.json"
 # A peer that fails (out of memory on a 16 GB card, say) leaves its row empty; the others still run, and the
 # exit status says so.
 failed=0

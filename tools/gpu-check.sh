@@ -11,12 +11,13 @@
 # The checks are steps, most wanted first; `all` runs every one in this order:
 #     probe           GPU, driver, CUDA libraries, torch; compiles the kernels once (NVRTC, cached in /tmp)
 #     tests           tests/cuda_*.rs, the binaries side by side, each kernel and model against the CPU reference
-#     embed-7b        bench embed, baichuan2-7b, 8192-token batches, against HF fp16 batched and batch size 1
+#     embed-7b        bench embed, baichuan2-7b, 8192-token batches, against HF fp16 batched and batch size 1,
+#                     and a profile of two batches (device time per kernel and GEMM shape: bench --profile)
 #     train-30        bench train, pch-base, B 30, against PyTorch AMP eager
-#     train-256       the same at B 256 (the MFU target)
+#     train-256       the same at B 256 (the MFU target), and a profile of three updates
 #     train-30-compile, train-256-compile   the torch.compile peer at each (minutes of compiling each)
 #     train-1024      learn-kern alone at B 1024 without CUDA graphs: the InfoNCE kernels' share of the update,
-#                     and a profile (device time per kernel and GEMM shape: bench train --profile)
+#                     and a profile
 #     train-30-eager  learn-kern alone at B 30 without CUDA graphs: what the graphs gain, and a profile
 #     embed-small     bench embed, small, against the same peers
 #     kernels-7b, kernels-small   bench kernels: each kernel against the measured copy and GEMM rates
@@ -130,17 +131,17 @@ step_tests() {
 }
 
 embed_vs_peers() {
-    tools/bench-vs-peers.sh --preset "$1" --batch-tokens 8192 --bin "$BIN"/learn-kern --out "$REPORTS"
+    tools/bench-vs-peers.sh --preset "$1" --batch-tokens 8192 --bin "$BIN"/learn-kern --out "$REPORTS" "${@:2}"
 }
-step_embed_7b() { embed_vs_peers baichuan2-7b; }
+step_embed_7b() { embed_vs_peers baichuan2-7b --profile 2; }
 step_embed_small() { embed_vs_peers small; }
 
 train_vs_peers() {
     tools/bench-vs-peers.sh train --preset pch-base --batch-users "$1" --history 80 --targets 40 \
-        --bin "$BIN"/learn-kern --out "$REPORTS" --sides "$2"
+        --bin "$BIN"/learn-kern --out "$REPORTS" --sides "$2" "${@:3}"
 }
 step_train_30() { train_vs_peers 30 learn-kern,eager; }
-step_train_256() { train_vs_peers 256 learn-kern,eager; }
+step_train_256() { train_vs_peers 256 learn-kern,eager --profile 3; }
 step_train_30_compile() { train_vs_peers 30 compile; }
 step_train_256_compile() { train_vs_peers 256 compile; }
 # learn-kern alone at B $1 without CUDA graphs: phase times need the eager step (a graph replay has none).
@@ -154,6 +155,22 @@ step_train_30_eager() { train_eager 30 --profile 5; }
 kernels() { "$BIN"/learn-kern bench kernels --device cuda --preset "$1" --json "$REPORTS/kernels-$1.json"; }
 step_kernels_7b() { kernels baichuan2-7b; }
 step_kernels_small() { kernels small; }
+
+# The ten longest launches of a learn-kern report's profile (bench --profile), when it has one.
+profile_lines() {
+    python3 - "$1" <<'PY'
+import json, sys
+try:
+    p = json.load(open(sys.argv[1])).get("profile") or {}
+except (OSError, ValueError):
+    sys.exit(0)
+if p.get("launches"):
+    print(f"profile: {p['profiled_ms']:.2f} ms of device time per {p['per']} (measured {p['measured_ms']:.2f} ms):")
+for l in (p.get("launches") or [])[:10]:
+    rate = f", {l['tflops']:.0f} TFLOP/s" if l.get("tflops") else ""
+    print(f"  {l['ms']:8.3f} ms {100 * l['share']:5.1f}%  x{l['calls']:<4g} {l['name']}{rate}")
+PY
+}
 
 # What the summary keeps of a step: its figures, read back from the reports (so a step stopped halfway
 # still shows what finished), and its log's telling lines.
@@ -183,11 +200,13 @@ engine = r["memory"]["weights_bytes"] + r["memory"]["arena_bytes"]
 print(f"{r['preset']} at --batch-tokens 8192: engine allocations {engine / 1e9:.2f} GB, device in use "
       f"{used / 1e9:.2f} GB (limit 15 GB: {'ok' if used <= 15e9 else 'OVER'})")
 PY
+            profile_lines "$REPORTS/learn-kern-$tag-8192.json"
             ;;
         train-30 | train-256 | train-30-compile | train-256-compile)
             local b="${step#train-}"
             local tag="train-pch-base-${b%-compile}-80-40"
             python3 tools/peer/ratio_table.py "$REPORTS"/{learn-kern,torch-eager,torch-compile}-"$tag".json
+            [[ "$step" == *-compile ]] || profile_lines "$REPORTS/learn-kern-$tag.json"
             ;;
         train-1024 | train-30-eager)
             local b="${step#train-}"
@@ -207,11 +226,8 @@ else:
     except (OSError, ValueError):
         pass
 print(line)
-p = r.get("profile") or {}
-for l in (p.get("launches") or [])[:10]:
-    rate = f", {l['tflops']:.0f} TFLOP/s" if l.get("tflops") else ""
-    print(f"  {l['ms_per_update']:8.3f} ms {100 * l['share']:5.1f}%  x{l['calls_per_update']:<4g} {l['name']}{rate}")
 PY
+            profile_lines "$REPORTS/learn-kern-train-b${b%-eager}-eager.json"
             ;;
         kernels-*) tail -n 15 "$log" ;;
     esac

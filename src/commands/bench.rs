@@ -139,6 +139,10 @@ pub struct EmbedBench {
     /// Batches run before timing (the longest ones).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Runs of the fullest batch after the timed ones, one at a time, with each launch timed: device time per
+    /// kernel and GEMM shape (`profile` in the report). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub profile: usize,
 }
 
 #[derive(Args, Debug)]
@@ -235,9 +239,10 @@ pub fn run(args: &BenchArgs, common: &Common) -> Result<()> {
                 batch_tokens: bench.items.batch_tokens,
                 seed: bench.items.seed,
                 warmup_batches: bench.warmup,
+                profile: bench.profile,
             };
             let report = bench_embed(ordinal, &spec, common.quiet)?;
-            common.notice(embed_summary(&report));
+            common.notice(embed_summary(&report) + &profile_summary(&report["profile"]));
             report
         }
         BenchWhat::Train(bench) => {
@@ -338,24 +343,26 @@ fn train_summary(r: &Value) -> String {
     ) + &profile_summary(&r["profile"])
 }
 
-/// The longest launches of a `bench train --profile` report, one line each; nothing without a profile.
+/// The longest launches of a `bench train|embed --profile` report, one line each; nothing without one.
 fn profile_summary(p: &Value) -> String {
     let Some(launches) = p["launches"].as_array() else { return String::new() };
+    let unit = p["per"].as_str().unwrap_or("?");
+    let units = if unit == "batch" { "batches" } else { "updates" };
     let mut out = format!(
-        "\n  profile of {} updates, launches from the host: {:.2} ms of device time an update in {} kernels and \
-         GEMM shapes (update median {:.2} ms); the longest:",
-        p["updates"],
-        num(p, "profiled_ms_per_update"),
+        "\n  profile of {} {units}, launches from the host: {:.2} ms of device time per {unit} in {} kernels and \
+         GEMM shapes (measured {:.2} ms per {unit}); the longest:",
+        p["units"],
+        num(p, "profiled_ms"),
         launches.len(),
-        num(p, "update_ms"),
+        num(p, "measured_ms"),
     );
     for l in launches.iter().take(PROFILE_LINES) {
         let tflops = l["tflops"].as_f64().map(|x| format!(", {x:.1} TFLOP/s")).unwrap_or_default();
         out += &format!(
             "\n    {:>8.3} ms {:>5.1}%  ×{:<4} {}{tflops}",
-            num(l, "ms_per_update"),
+            num(l, "ms"),
             100.0 * num(l, "share"),
-            num(l, "calls_per_update"),
+            num(l, "calls"),
             l["name"].as_str().unwrap_or("?"),
         );
     }
@@ -403,10 +410,11 @@ mod tests {
         assert_eq!(profile_summary(&Value::Null), "");
         let mut summary = crate::cuda::profile::ProfileSummary::default();
         let timed = |label: &str, flops: f64, ms: f64| crate::cuda::profile::Timed { label: label.into(), flops, ms };
-        summary.add_update(vec![timed("layernorm_fwd", 0.0, 0.25), timed("gemm a_bt 64×64×64", 4e9, 1.0)]);
-        let text = profile_summary(&summary.to_json(1.5));
+        summary.add_unit(vec![timed("layernorm_fwd", 0.0, 0.25), timed("gemm a_bt 64×64×64", 4e9, 1.0)]);
+        let text = profile_summary(&summary.to_json("update", 1.5));
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[1].contains("1.25 ms of device time an update in 2 kernels") && lines[1].contains("1.50 ms"));
+        assert!(lines[1].contains("profile of 1 updates") && lines[1].contains("1.25 ms of device time per update"));
+        assert!(lines[1].contains("in 2 kernels") && lines[1].contains("measured 1.50 ms"), "{text}");
         assert_eq!(lines[2], "       1.000 ms  80.0%  ×1    gemm a_bt 64×64×64, 4.0 TFLOP/s");
         assert_eq!(lines[3], "       0.250 ms  20.0%  ×1    layernorm_fwd");
     }

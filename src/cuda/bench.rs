@@ -7,6 +7,7 @@ use super::encoder::CudaEncoder;
 use super::memory::Dev;
 use super::model::GpuModel;
 use super::ops::attention_tiles;
+use super::profile::ProfileSummary;
 use crate::embed::batching;
 use crate::embed::encoder::ContentEncoder;
 use crate::llm::LlmConfig;
@@ -122,6 +123,9 @@ pub struct EmbedBenchSpec<'a> {
     pub batch_tokens: usize,
     pub seed: u64,
     pub warmup_batches: usize,
+    /// Runs of the fullest batch after the timed ones with every launch timed (crate::cuda::profile); 0 for
+    /// none.
+    pub profile: usize,
 }
 
 /// Runs the embedding pipeline (pack, upload, forward, pool, download; two slots, two streams) over random
@@ -165,6 +169,24 @@ pub fn bench_embed(ordinal: usize, spec: &EmbedBenchSpec, quiet: bool) -> Result
     }
     let seconds = started.elapsed().as_secs_f64();
     anyhow::ensure!(finite, "the benchmark produced non-finite embeddings (fp16 overflow in the random model?)");
+    let batch_ms = 1e3 * seconds / batches.len() as f64;
+    let profile = (spec.profile > 0)
+        .then(|| {
+            // The fullest batch again, one run at a time (so its GEMMs keep one shape each): device time
+            // per kernel and GEMM shape of a batch.
+            let tokens_of = |batch: &Vec<usize>| batch.iter().map(|&i| spec.lengths[i]).sum::<usize>();
+            let fullest = batches.iter().max_by_key(|b| tokens_of(b)).map(|b| refs(b)).unwrap_or_default();
+            let profiler = encoder.gpu().profiler.clone();
+            profiler.start(&encoder.gpu().ctx);
+            let mut summary = ProfileSummary::default();
+            for _ in 0..spec.profile {
+                encoder.encode(&fullest)?;
+                summary.add_unit(profiler.take()?);
+            }
+            profiler.stop();
+            anyhow::Ok(summary.to_json("batch", batch_ms))
+        })
+        .transpose()?;
 
     let tokens: usize = spec.lengths.iter().sum();
     let flops: f64 = spec.lengths.iter().map(|&n| c.flops_per_sequence(n)).sum();
@@ -203,6 +225,7 @@ pub fn bench_embed(ordinal: usize, spec: &EmbedBenchSpec, quiet: bool) -> Result
             "device_used_bytes": memory.device_used.max(total - free),
             "device_total_bytes": total,
         },
+        "profile": profile,
     }))
 }
 

@@ -263,10 +263,10 @@ fn profile_updates<'u>(
     for i in 0..spec.profile {
         let next = batch((i + 1) % batches);
         trainer.step(&batch(i % batches), Some(&next), 1e-4)?;
-        summary.add_update(profiler.take()?);
+        summary.add_unit(profiler.take()?);
     }
     profiler.stop();
-    Ok(summary.to_json(update_ms))
+    Ok(summary.to_json("update", update_ms))
 }
 
 #[cfg(test)]

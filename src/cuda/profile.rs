@@ -93,29 +93,29 @@ impl Profiler {
     }
 }
 
-/// Timed launches summed by label over a number of updates.
+/// Timed launches summed by label over a number of units of work (training updates, embedding batches).
 #[derive(Default)]
 pub struct ProfileSummary {
-    updates: usize,
+    units: usize,
     /// label → (calls, milliseconds, flops)
     totals: BTreeMap<String, (usize, f64, f64)>,
 }
 
 impl ProfileSummary {
-    /// Adds one update's launches.
-    pub fn add_update(&mut self, launches: Vec<Timed>) {
-        self.updates += 1;
+    /// Adds one unit's launches.
+    pub fn add_unit(&mut self, launches: Vec<Timed>) {
+        self.units += 1;
         for t in launches {
             let entry = self.totals.entry(t.label).or_default();
             *entry = (entry.0 + 1, entry.1 + t.ms, entry.2 + t.flops);
         }
     }
 
-    /// Per update, the longest first: each label's calls, milliseconds, share of the profiled time and, for
-    /// GEMMs, TFLOP/s; with the profiled total beside the update's own median (`update_ms`), the check that
-    /// the intervals cover the update.
-    pub fn to_json(&self, update_ms: f64) -> Value {
-        let per = self.updates.max(1) as f64;
+    /// Per `unit` ("update", "batch"), the longest first: each label's calls, milliseconds, share of the
+    /// profiled time and, for GEMMs, TFLOP/s; with the profiled total beside `measured_ms`, the unit's time
+    /// when the benchmark timed it: the check that the intervals cover the work.
+    pub fn to_json(&self, unit: &str, measured_ms: f64) -> Value {
+        let per = self.units.max(1) as f64;
         let total: f64 = self.totals.values().map(|e| e.1).sum::<f64>() / per;
         let mut rows: Vec<(&String, &(usize, f64, f64))> = self.totals.iter().collect();
         rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
@@ -124,14 +124,20 @@ impl ProfileSummary {
             .map(|(label, &(calls, ms, flops))| {
                 json!({
                     "name": label,
-                    "calls_per_update": calls as f64 / per,
-                    "ms_per_update": ms / per,
+                    "calls": calls as f64 / per,
+                    "ms": ms / per,
                     "share": if total > 0.0 { ms / per / total } else { 0.0 },
                     "tflops": (flops > 0.0 && ms > 0.0).then(|| flops / (ms * 1e9)),
                 })
             })
             .collect();
-        json!({ "updates": self.updates, "profiled_ms_per_update": total, "update_ms": update_ms, "launches": launches })
+        json!({
+            "per": unit,
+            "units": self.units,
+            "profiled_ms": total,
+            "measured_ms": measured_ms,
+            "launches": launches,
+        })
     }
 }
 
@@ -143,19 +149,19 @@ mod tests {
     fn a_summary_sums_by_label_per_update_longest_first() {
         let mut s = ProfileSummary::default();
         for _ in 0..2 {
-            s.add_update(vec![
+            s.add_unit(vec![
                 Timed { label: "layernorm_fwd".into(), flops: 0.0, ms: 0.5 },
                 Timed { label: "gemm a_bt 64×64×64".into(), flops: 2e9, ms: 1.0 },
                 Timed { label: "layernorm_fwd".into(), flops: 0.0, ms: 0.5 },
             ]);
         }
-        let v = s.to_json(2.5);
-        assert_eq!(v["updates"], 2);
-        assert_eq!(v["profiled_ms_per_update"], 2.0);
+        let v = s.to_json("update", 2.5);
+        assert_eq!((v["per"].as_str(), v["units"].as_u64()), (Some("update"), Some(2)));
+        assert_eq!((v["profiled_ms"].as_f64(), v["measured_ms"].as_f64()), (Some(2.0), Some(2.5)));
         let rows = v["launches"].as_array().unwrap();
         assert_eq!(rows[0]["name"], "gemm a_bt 64×64×64");
         assert_eq!(rows[0]["tflops"], 2.0);
-        assert_eq!((rows[1]["calls_per_update"].as_f64(), rows[1]["ms_per_update"].as_f64()), (Some(2.0), Some(1.0)));
+        assert_eq!((rows[1]["calls"].as_f64(), rows[1]["ms"].as_f64()), (Some(2.0), Some(1.0)));
         assert_eq!(rows[1]["share"], 0.5);
         assert!(rows[1]["tflops"].is_null());
     }
