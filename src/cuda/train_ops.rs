@@ -153,16 +153,29 @@ impl Gpu {
 
     /// `out[j] += Σ_b partials[b, j]` over `blocks` partial rows of `n`, in block order.
     pub(super) fn column_sums(&self, out: Dev<f32>, partials: Dev<f32>, blocks: usize, n: usize) -> Result<()> {
-        covers(&out, n, "gradient sum")?;
-        covers(&partials, blocks * n, "partial sums")?;
+        self.column_sums_of(&[out], partials, blocks, n)
+    }
+
+    /// [`Self::column_sums`] for up to three partial arrays of `blocks · n` laid one after the other in
+    /// `partials`, the k-th into `outs[k]`, in one launch.
+    pub(super) fn column_sums_of(&self, outs: &[Dev<f32>], partials: Dev<f32>, blocks: usize, n: usize) -> Result<()> {
+        ensure!((1..=3).contains(&outs.len()), "column sums of {} arrays (1 to 3)", outs.len());
+        for out in outs {
+            covers(out, n, "gradient sum")?;
+        }
+        covers(&partials, outs.len() * blocks * n, "partial sums")?;
+        let out = |k: usize| Arg::Ptr(outs.get(k).map_or(0, |o| o.ptr()));
         let args = [
-            Arg::Ptr(out.ptr()),
+            out(0),
+            out(1),
+            out(2),
             Arg::Ptr(partials.ptr()),
+            Arg::I32(outs.len() as i32),
             Arg::I32(int(blocks, "blocks")?),
             Arg::I32(int(n, "columns")?),
         ];
-        // SAFETY: out covers n floats and partials blocks·n (checked).
-        unsafe { self.launch("column_sums", (self.grid_for(n), 1), 256, 0, &args) }
+        // SAFETY: each of the `parts` outputs covers n floats and partials parts·blocks·n (checked).
+        unsafe { self.launch("column_sums", (self.grid_for(outs.len() * n), 1), 256, 0, &args) }
     }
 
     /// `y = layernorm(x + delta + delta_bias) · w + b` per row (fp16 in and out, fp32 statistics), keeping
@@ -271,12 +284,10 @@ impl Gpu {
         // SAFETY: block x reads and writes its rows (below `rows`, reduction_rows) of [rows, dim] buffers
         // and writes row x of each [blocks, dim] partial array; all covered (checked); blockDim·8 ≥ dim.
         unsafe { self.launch("layernorm_bwd", (u32::try_from(blocks)?, 1), row_threads(dim, 1024), 0, &args)? };
-        self.column_sums(dw, part(0), blocks, dim)?;
-        self.column_sums(db, part(1), blocks, dim)?;
-        if let Some(d_bias) = d_delta_bias {
-            self.column_sums(d_bias, part(2), blocks, dim)?;
+        match d_delta_bias {
+            Some(d_bias) => self.column_sums_of(&[dw, db, d_bias], scratch, blocks, dim),
+            None => self.column_sums_of(&[dw, db], scratch, blocks, dim),
         }
-        Ok(())
     }
 
     /// `pre = fp16(pre + bias)` in place and `act = fp16(gelu(pre))` (exact erf form) for `rows` rows.
