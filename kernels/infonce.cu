@@ -6,14 +6,16 @@
 //
 //     infonce_split    the queries' user rows and the columns' item rows as pairs of halves (below), in
 //                      query and column order, zero past the last and for padding
-//     infonce_lse      N_q = log Σ exp s_qc over q's negatives            (column tiles streamed, online)
+//     infonce_lse_dq   N_q = log Σ exp s_qc over q's negatives and O_q = Σ_c exp(s_qc − N_q)·v_c, in one
+//                      stream of column tiles (online, as flash attention's forward)
 //     infonce_pos      one block per user: its positive pairs, l = softplus(N_q − s_qk), the loss,
-//                      g_q = Σ_k σ(N_q − s_qk), and the positive parts of ∂L/∂q̃ and ∂L/∂v (weighted by w)
-//     infonce_dq       ∂L/∂q̃ += w·g_q·Σ_c exp(s_qc − N_q)·v_c, then ∂L/∂u = ∂L/∂q̃ / τ
+//                      g_q = Σ_k σ(N_q − s_qk), ∂L/∂u = (w·g_q·O_q − Σ_k w·σ_qk·v_k) / τ, and the
+//                      positive part of ∂L/∂v
 //     infonce_dc       ∂L/∂v_c += (w/τ)·Σ_q g_q·exp(s_qc − N_q)·u_q
 //
 // No [queries × columns] matrix exists anywhere: each block holds one 64 × 64 score tile in shared memory
-// and recomputes it where it needs it, as flash attention does. Every sum has a fixed order and nothing is
+// and recomputes it where it needs it (twice in all: once per query block, once per column block), as
+// flash attention does. Every sum has a fixed order and nothing is
 // atomic, so the results repeat bit for bit.
 //
 // Products on tensor cores, to fp32 accuracy. Scores must be fp32: with τ = 0.05 they reach ±20, where
@@ -25,13 +27,14 @@
 // are split once per launch (infonce_split; the model's are unit rows, far inside fp16's range, and τ is
 // applied to the fp32 sums, not to the halves).
 //
-// The gradient products (P·V in infonce_dq, Pᵀ·U in infonce_dc) need no split: they take the probability
+// The gradient products (P·V in infonce_lse_dq, Pᵀ·U in infonce_dc) need no split: they take the probability
 // tile and the embeddings' hi halves alone, one wmma product instead of three. A term is then off by at most
 // 2⁻¹⁰ of itself (both factors rounded to fp16), in a sum of positive weights, where the towers' fp16
 // backward rounds the gradient it receives to 2⁻¹¹ anyway; the scores, whose error exp(s − N) multiplies by
 // s's ±1/τ range, keep the split. The probability tile is stored times NCE_P_SCALE, so that weights down to
-// 2⁻²¹ stay normal halves: exp(s − N) ≤ 1 and g_q ≤ T ≤ NCE_MAX_TARGETS bound every value by 2⁸, and
-// 2⁸·NCE_P_SCALE is under fp16's 65504. The scale, a power of two, comes off exactly with the weights.
+// 2⁻²¹ stay normal halves: in infonce_dc exp(s − N) ≤ 1 and g_q ≤ T ≤ NCE_MAX_TARGETS bound every value by
+// 2⁸, in infonce_lse_dq the weights against a row's running reference by e⁶ (NCE_REF_SLACK), and both times
+// NCE_P_SCALE are under fp16's 65504. The scale, a power of two, comes off exactly with the weights.
 //
 // The gradients may carry a loss scale S (mixed-precision training): w = S/P instead of 1/P, and every
 // gradient flows from w. With S a power of two the scaled gradients are the unscaled ones times S exactly;
@@ -62,6 +65,7 @@
 #define NCE_MAX_TARGETS 256
 #define NCE_LO_SCALE 2048.0f
 #define NCE_P_SCALE 128.0f
+#define NCE_REF_SLACK 6.0f  // infonce_lse_dq's weights stay under e⁶ (× NCE_P_SCALE: 51,641 < 65504)
 #define NCE_LDS 80              // fp32 score rows: a warp's two rows in the element phase lie 16 banks apart
 #define NCE_LDP (NCE_TILE + 8)  // fp16 probability rows
 
@@ -110,26 +114,27 @@ extern "C" __global__ void infonce_split(f16* __restrict__ hi, f16* __restrict__
 
 // A pass's dynamic shared memory at width D: the hi and lo halves of a 64-row query tile and of a 64-row
 // column tile (rows of D + 8 halves, so that a fragment's 16 rows start in different banks), then one
-// region that holds in turn the fp32 score tile, the fp16 probability tile, and at the end the block's fp32
-// gradient rows.
+// region that holds in turn the fp32 score tile, the fp16 probability tile, and the block's fp32 gradient
+// rows; infonce_lse_dq adds the block's fp32 O rows after it (BYTES_O in all).
 template <int D>
 struct NceShared {
     static constexpr int LDH = D + 8;
-    static constexpr int LDG = D + 4;  // fp32 gradient rows
+    static constexpr int LDG = D + 4;  // fp32 gradient and O rows
     static constexpr int TILE_HALVES = NCE_TILE * LDH;
     static constexpr int SCORES = NCE_TILE * NCE_LDS * 4, PROBS = NCE_TILE * NCE_LDP * 2;
     static constexpr int GRADS = NCE_TILE * LDG * 4;
     static constexpr int REGION = SCORES > PROBS ? (SCORES > GRADS ? SCORES : GRADS) : (PROBS > GRADS ? PROBS : GRADS);
     static constexpr int BYTES = 4 * TILE_HALVES * 2 + REGION;
+    static constexpr int BYTES_O = BYTES + GRADS;
     f16 *qh, *ql, *ch, *cl, *p;
-    float *s, *grads;
+    float *s, *grads, *o;
 };
 
-template <int D>
+template <int D, bool WITH_O>
 __device__ __forceinline__ NceShared<D> nce_shared() {
     using S = NceShared<D>;
     DYNAMIC_SHARED(f16, smem);
-    if (dynamic_smem_size() < (unsigned)S::BYTES) __trap();
+    if (dynamic_smem_size() < (unsigned)(WITH_O ? S::BYTES_O : S::BYTES)) __trap();
     S sh;
     sh.qh = smem;
     sh.ql = sh.qh + S::TILE_HALVES;
@@ -137,6 +142,7 @@ __device__ __forceinline__ NceShared<D> nce_shared() {
     sh.cl = sh.ch + S::TILE_HALVES;
     sh.s = sh.grads = reinterpret_cast<float*>(sh.cl + S::TILE_HALVES);
     sh.p = reinterpret_cast<f16*>(sh.s);
+    sh.o = WITH_O ? sh.s + S::REGION / 4 : nullptr;
     return sh;
 }
 
@@ -271,62 +277,6 @@ __device__ __forceinline__ void mask_scores(float s[4][4], const int row_user[4]
     }
 }
 
-// Pass 1: lse[q] = N_q, the log-sum-exp of query q's negatives (−∞ when it has none), over column tiles
-// with a running maximum per row so that no exponent overflows. One block per 64 queries.
-template <int D>
-__device__ void lse_impl(float* __restrict__ lse, const f16* __restrict__ q_hi, const f16* __restrict__ q_lo,
-                         const f16* __restrict__ c_hi, const f16* __restrict__ c_lo, const float* __restrict__ log_q,
-                         const int* __restrict__ q_user, const int* __restrict__ c_row, const int* __restrict__ c_user,
-                         const unsigned* __restrict__ ban, int nq, int nc, int words, float inv_tau) {
-    const NceShared<D> sh = nce_shared<D>();
-    __shared__ ColumnInfo info;
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-    const int first = blockIdx.x * NCE_TILE;
-    load_split<D>(sh.qh, sh.ql, q_hi, q_lo, first);
-    int row_user[4];
-    float m[4], l[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int q = first + ty + 16 * i;
-        row_user[i] = q < nq ? q_user[q] : -1;
-        m[i] = neg_inf();
-        l[i] = 0.0f;
-    }
-    for (int c0 = 0; c0 < nc; c0 += NCE_TILE) {
-        __syncthreads();  // the previous tile's readers are done
-        load_split<D>(sh.ch, sh.cl, c_hi, c_lo, c0);
-        load_columns(info, c_user, c_row, log_q, c0, nc);
-        __syncthreads();
-        score_tile<D>(sh);
-        __syncthreads();
-        float s[4][4];
-        read_scores(s, sh.s, inv_tau);
-        mask_scores(s, row_user, info, ban, words, c0);
-        // Every lane of the warp takes both shuffles: the two half-warps hold different rows, and a full-mask
-        // shuffle that one half skips is undefined (the emulator reports it).
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float top = half_max(fmaxf(fmaxf(s[i][0], s[i][1]), fmaxf(s[i][2], s[i][3])));
-            const float new_m = fmaxf(m[i], top);
-            float part = 0.0f;
-            if (top != neg_inf()) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) part += expf(s[i][j] - new_m);
-            }
-            const float tile_sum = half_sum(part);
-            if (top != neg_inf()) {  // a tile without negatives for this row changes nothing
-                l[i] = l[i] * expf(m[i] - new_m) + tile_sum;
-                m[i] = new_m;
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int q = first + ty + 16 * i;
-        if (tx == 0 && q < nq) lse[q] = m[i] == neg_inf() ? neg_inf() : m[i] + logf(l[i]);
-    }
-}
-
 // Row q's (g, N), or (0, −∞) past the last query and for padding.
 __device__ __forceinline__ void row_terms(int q, int nq, const int* __restrict__ q_user, const float* __restrict__ lse,
                                           const float* __restrict__ g, int& user, float& row_lse, float& row_g) {
@@ -356,64 +306,121 @@ __device__ __forceinline__ void stage_grads(const NceShared<D>& sh, const FragC 
     __syncthreads();
 }
 
-// Pass 3 for one block of 64 queries: recompute each score tile, turn it into exp(s − N_q) (0 for
-// non-negatives), and add its product with the column tile into the block's Σ_c exp(s − N)·v_c; then
-// ∂L/∂q̃ = (positives' part, which infonce_pos left in d_users) + w·g_q·that sum, divided by τ.
+// O = (O + the warps' accumulators)·scale, row by row (the thread's rows ty + 16i), through sh.grads; every
+// thread calls it, and it leaves the region free for the next tile.
 template <int D>
-__device__ void dq_impl(float* __restrict__ d_users, const f16* __restrict__ q_hi, const f16* __restrict__ q_lo,
-                        const f16* __restrict__ c_hi, const f16* __restrict__ c_lo, const float* __restrict__ log_q,
-                        const int* __restrict__ q_row, const int* __restrict__ q_user, const int* __restrict__ c_row,
-                        const int* __restrict__ c_user, const unsigned* __restrict__ ban,
-                        const float* __restrict__ lse, const float* __restrict__ g,
-                        const float* __restrict__ weights, int nq, int nc, int words, float inv_tau) {
-    constexpr int LDH = NceShared<D>::LDH;
-    const NceShared<D> sh = nce_shared<D>();
+__device__ __forceinline__ void add_into_o(const NceShared<D>& sh, const FragC acc[D / 32], const float scale[4]) {
+    constexpr int LDG = NceShared<D>::LDG;
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    stage_grads<D>(sh, acc);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < D / 16; ++j) {
+            const int e = (ty + 16 * i) * LDG + tx + 16 * j;
+            sh.o[e] = (sh.o[e] + sh.grads[e]) * scale[i];
+        }
+    __syncthreads();
+}
+
+// Pass 1, for one block of 64 queries: over the column tiles, N_q = log Σ exp s_qc over q's
+// negatives (−∞ when it has none) and O_q = Σ_c exp(s_qc − N_q)·v_c, the negatives' weighted mean of the
+// column embeddings, written to o in query order (infonce_pos turns it into ∂L/∂q̃ once it knows g_q). As
+// flash attention does, the weights are taken against a reference per row and O is rescaled when that
+// changes; lazily here: the reference moves only when a tile's scores pass it by more than NCE_REF_SLACK,
+// so a weight is at most e^NCE_REF_SLACK (fp16 holds it times NCE_P_SCALE), and a rescale, which goes
+// through shared memory (wmma's accumulators hide which row a register holds), is rare after the first
+// tiles. The products accumulate in registers and are added into the block's O in shared memory, each
+// thread owning the same elements as in the element-wise work, at a rescale and at the end.
+template <int D>
+__device__ void lse_dq_impl(float* __restrict__ lse, float* __restrict__ o, const f16* __restrict__ q_hi,
+                            const f16* __restrict__ q_lo, const f16* __restrict__ c_hi, const f16* __restrict__ c_lo,
+                            const float* __restrict__ log_q, const int* __restrict__ q_user,
+                            const int* __restrict__ c_row, const int* __restrict__ c_user,
+                            const unsigned* __restrict__ ban, int nq, int nc, int words, float inv_tau) {
+    constexpr int LDH = NceShared<D>::LDH, LDG = NceShared<D>::LDG;
+    const NceShared<D> sh = nce_shared<D, true>();
     __shared__ ColumnInfo info;
+    __shared__ int rescale;
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16, warp = threadIdx.x / 32;
     const int first = blockIdx.x * NCE_TILE;
     load_split<D>(sh.qh, sh.ql, q_hi, q_lo, first);
     int row_user[4];
-    float row_lse[4], row_g[4];
+    float ref[4], l[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) row_terms(first + ty + 16 * i, nq, q_user, lse, g, row_user[i], row_lse[i], row_g[i]);
+    for (int i = 0; i < 4; ++i) {
+        const int q = first + ty + 16 * i;
+        row_user[i] = q < nq ? q_user[q] : -1;
+        ref[i] = neg_inf();
+        l[i] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < D / 16; ++j) sh.o[(ty + 16 * i) * LDG + tx + 16 * j] = 0.0f;
+    }
     FragC acc[D / 32];
     zero_all<D / 32>(acc);
     const int r0 = 16 * (warp / 2), d0 = (D / 2) * (warp % 2);
     for (int c0 = 0; c0 < nc; c0 += NCE_TILE) {
-        __syncthreads();
+        __syncthreads();  // the previous tile's readers are done
         load_split<D>(sh.ch, sh.cl, c_hi, c_lo, c0);
         load_columns(info, c_user, c_row, log_q, c0, nc);
+        if (threadIdx.x == 0) rescale = 0;
         __syncthreads();
         score_tile<D>(sh);
         __syncthreads();
-        float s[4][4];
+        float s[4][4], scale[4];
         read_scores(s, sh.s, inv_tau);
         mask_scores(s, row_user, info, ban, words, c0);
-        __syncthreads();  // the probabilities overwrite the scores
+        // Every lane of the warp takes the shuffles: the two half-warps hold different rows.
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < 4; ++i) {
+            const float top = half_max(fmaxf(fmaxf(s[i][0], s[i][1]), fmaxf(s[i][2], s[i][3])));
+            scale[i] = 1.0f;
+            if (top == neg_inf() || top <= ref[i] + NCE_REF_SLACK) continue;
+            // A row's first negatives set its reference (nothing of it is in O yet); a jump rescales.
+            if (ref[i] != neg_inf()) {
+                scale[i] = expf(ref[i] - top);
+                rescale = 1;
+            }
+            ref[i] = top;
+        }
+        __syncthreads();  // the scores are read; `rescale` is the whole block's
+        if (rescale) {  // the same for every thread
+            add_into_o(sh, acc, scale);
+            zero_all<D / 32>(acc);
+        }
+        // The weights against the reference, their row sums, and the tile of them for the products.
 #pragma unroll
-            for (int j = 0; j < 4; ++j) store_prob(sh, ty + 16 * i, tx + 16 * j, prob(s[i][j], row_lse[i]));
+        for (int i = 0; i < 4; ++i) {
+            float p[4], part = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                p[j] = prob(s[i][j], ref[i]);
+                part += p[j];
+            }
+            l[i] = l[i] * scale[i] + half_sum(part);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) store_prob(sh, ty + 16 * i, tx + 16 * j, p[j]);
+        }
         __syncthreads();
         half_products<NCE_TILE, D / 2>(acc, sh.p + r0 * NCE_LDP, NCE_LDP, sh.ch + d0, LDH);
     }
-    stage_grads<D>(sh, acc);
-    const float w = weights[1] / NCE_P_SCALE;
+    const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    add_into_o(sh, acc, ones);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        if (row_user[i] < 0) continue;  // past the last query, or padding
-        const int r = ty + 16 * i;
-        float* out = d_users + (index_t)q_row[first + r] * D;
-        const float scale = w * row_g[i];
+        const int q = first + ty + 16 * i;
+        if (q >= nq) continue;
+        const bool any = l[i] > 0.0f;  // false without negatives (and for padding): N = −∞, O = 0
+        if (tx == 0) lse[q] = any ? ref[i] + logf(l[i]) : neg_inf();
+        const float norm = any ? 1.0f / (l[i] * NCE_P_SCALE) : 0.0f;
 #pragma unroll
         for (int j = 0; j < D / 16; ++j) {
-            const int k = tx + 16 * j;
-            out[k] = (out[k] + scale * sh.grads[r * NceShared<D>::LDG + k]) * inv_tau;
+            o[(index_t)q * D + tx + 16 * j] = sh.o[(ty + 16 * i) * LDG + tx + 16 * j] * norm;
         }
     }
 }
 
-// Pass 4 for one block of 64 columns: over every tile of queries, recompute the scores and
+// Pass 3 for one block of 64 columns: over every tile of queries, recompute the scores and
 // g_q·exp(s − N_q), and add their product with the query tile into the block's Σ_q g_q·exp(s − N)·u_q,
 // then w/τ times that into d_items, which holds the positives' part. The probability tile is stored
 // transposed (columns as rows), the A operand of that product.
@@ -424,7 +431,7 @@ __device__ void dc_impl(float* __restrict__ d_items, const f16* __restrict__ q_h
                         const unsigned* __restrict__ ban, const float* __restrict__ lse, const float* __restrict__ g,
                         const float* __restrict__ weights, int nq, int nc, int words, float inv_tau) {
     constexpr int LDH = NceShared<D>::LDH;
-    const NceShared<D> sh = nce_shared<D>();
+    const NceShared<D> sh = nce_shared<D, false>();
     __shared__ ColumnInfo info;
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16, warp = threadIdx.x / 32;
     const int c0 = blockIdx.x * NCE_TILE;
@@ -474,7 +481,8 @@ __device__ void dc_impl(float* __restrict__ d_items, const f16* __restrict__ q_h
 // Pass 2, one block per user: its queries q (NCE_CHUNK at a time) against its own columns k, with
 // σ_qk = σ(N_q − s_qk) and w_qk = σ_qk·w (weights = {1/P, w = S/P}):
 //     loss_part[user] = Σ softplus(N_q − s_qk) / P,   g[q] = Σ_k σ_qk,
-//     d_users[q] = −Σ_k w_qk·v_k  (∂L/∂q̃, positives only),   d_items[k] = −Σ_q w_qk·q̃_q
+//     d_users[q] = (w·g_q·O_q − Σ_k w_qk·v_k) / τ  (∂L/∂u: the negatives' part from infonce_lse_dq's O),
+//     d_items[k] = −Σ_q w_qk·q̃_q  (the positives' part of ∂L/∂v)
 // The inner products are short (at most NCE_MAX_TARGETS by d), so they read the embeddings from memory
 // (the cache holds a user's rows) rather than staging them, in plain fp32. blockDim.x is a multiple of 32.
 extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __restrict__ d_items, float* __restrict__ g,
@@ -482,9 +490,10 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
                                        const float* __restrict__ items, const float* __restrict__ log_q,
                                        const int* __restrict__ q_row, const int* __restrict__ c_row,
                                        const int* __restrict__ q_start, const int* __restrict__ c_start,
-                                       const float* __restrict__ lse, const float* __restrict__ weights, int d,
-                                       float inv_tau) {
+                                       const float* __restrict__ lse, const float* __restrict__ o,
+                                       const float* __restrict__ weights, int d, float inv_tau) {
     __shared__ float sig[NCE_CHUNK][NCE_MAX_TARGETS];
+    __shared__ float chunk_g[NCE_CHUNK];
     __shared__ float scratch[32];
     const int user = blockIdx.x;
     const int q0 = q_start[user], q1 = q_start[user + 1];
@@ -505,16 +514,18 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
             sig[j][k] = sigmoid(z);
         }
         __syncthreads();
+        for (int j = threadIdx.x; j < nj; j += blockDim.x) {
+            float total = 0.0f;
+            for (int k = 0; k < nt; ++k) total += sig[j][k];
+            chunk_g[j] = g[j0 + j] = total;
+        }
+        __syncthreads();
         for (int e = threadIdx.x; e < nj * d; e += blockDim.x) {
             const int j = e / d, x = e % d;
             float acc = 0.0f;
             for (int k = 0; k < nt; ++k) acc = fmaf(sig[j][k] * w, items[(index_t)c_row[k0 + k] * d + x], acc);
-            d_users[(index_t)q_row[j0 + j] * d + x] = -acc;
-            if (x == 0) {
-                float total = 0.0f;
-                for (int k = 0; k < nt; ++k) total += sig[j][k];
-                g[j0 + j] = total;
-            }
+            const float negatives = w * chunk_g[j] * o[(index_t)(j0 + j) * d + x];
+            d_users[(index_t)q_row[j0 + j] * d + x] = (negatives - acc) * inv_tau;
         }
         for (int e = threadIdx.x; e < nt * d; e += blockDim.x) {
             const int k = e / d, x = e % d;
@@ -524,7 +535,7 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
             float* out = d_items + (index_t)c_row[k0 + k] * d + x;
             *out = (j0 == q0 ? 0.0f : *out) - acc;
         }
-        __syncthreads();  // sig is rewritten by the next chunk
+        __syncthreads();  // sig and chunk_g are rewritten by the next chunk
     }
     loss = block_sum(loss, scratch);
     if (threadIdx.x == 0) loss_part[user] = loss * inv_pairs;
@@ -533,19 +544,10 @@ extern "C" __global__ void infonce_pos(float* __restrict__ d_users, float* __res
 // The entry points, per embedding width (d_out).
 
 extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
-    infonce_lse_d32(float* lse, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo, const float* log_q,
-                    const int* q_user, const int* c_row, const int* c_user, const unsigned* ban, int nq, int nc,
-                    int words, float inv_tau) {
-    lse_impl<32>(lse, q_hi, q_lo, c_hi, c_lo, log_q, q_user, c_row, c_user, ban, nq, nc, words, inv_tau);
-}
-
-extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
-    infonce_dq_d32(float* d_users, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo,
-                   const float* log_q, const int* q_row, const int* q_user, const int* c_row, const int* c_user,
-                   const unsigned* ban, const float* lse, const float* g, const float* weights, int nq, int nc,
-                   int words, float inv_tau) {
-    dq_impl<32>(d_users, q_hi, q_lo, c_hi, c_lo, log_q, q_row, q_user, c_row, c_user, ban, lse, g, weights, nq, nc,
-                words, inv_tau);
+    infonce_lse_dq_d32(float* lse, float* o, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo,
+                       const float* log_q, const int* q_user, const int* c_row, const int* c_user,
+                       const unsigned* ban, int nq, int nc, int words, float inv_tau) {
+    lse_dq_impl<32>(lse, o, q_hi, q_lo, c_hi, c_lo, log_q, q_user, c_row, c_user, ban, nq, nc, words, inv_tau);
 }
 
 extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
@@ -557,19 +559,10 @@ extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
 }
 
 extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
-    infonce_lse_d64(float* lse, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo, const float* log_q,
-                    const int* q_user, const int* c_row, const int* c_user, const unsigned* ban, int nq, int nc,
-                    int words, float inv_tau) {
-    lse_impl<64>(lse, q_hi, q_lo, c_hi, c_lo, log_q, q_user, c_row, c_user, ban, nq, nc, words, inv_tau);
-}
-
-extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)
-    infonce_dq_d64(float* d_users, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo,
-                   const float* log_q, const int* q_row, const int* q_user, const int* c_row, const int* c_user,
-                   const unsigned* ban, const float* lse, const float* g, const float* weights, int nq, int nc,
-                   int words, float inv_tau) {
-    dq_impl<64>(d_users, q_hi, q_lo, c_hi, c_lo, log_q, q_row, q_user, c_row, c_user, ban, lse, g, weights, nq, nc,
-                words, inv_tau);
+    infonce_lse_dq_d64(float* lse, float* o, const f16* q_hi, const f16* q_lo, const f16* c_hi, const f16* c_lo,
+                       const float* log_q, const int* q_user, const int* c_row, const int* c_user,
+                       const unsigned* ban, int nq, int nc, int words, float inv_tau) {
+    lse_dq_impl<64>(lse, o, q_hi, q_lo, c_hi, c_lo, log_q, q_user, c_row, c_user, ban, nq, nc, words, inv_tau);
 }
 
 extern "C" __global__ void __launch_bounds__(NCE_THREADS, NCE_MIN_BLOCKS)

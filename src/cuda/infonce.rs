@@ -1,5 +1,5 @@
 //! The dense all-action InfoNCE loss on the GPU (SPEC §4.2; kernels/infonce.cu): the batch's layout, built
-//! on the host from its lengths and target ids, and the launcher of the four passes.
+//! on the host from its lengths and target ids, and the launcher of its passes.
 //!
 //! The layout numbers queries and columns user by user as src/cpu/infonce.rs does, and gives every user a
 //! bitmask over the columns that are its false negatives (other users' targets whose item id is among its
@@ -273,8 +273,13 @@ impl InfoNceDev {
 
 /// Floats of scratch [`Gpu::infonce`] needs for `queries` queries and `columns` columns of `users` users at
 /// width `d`: g per query and a partial loss per user, then (from a 256-byte boundary) the hi and lo halves
-/// of the queries' and the columns' embeddings, each padded to whole tiles.
+/// of the queries' and the columns' embeddings, each padded to whole tiles, then O (d per query).
 pub fn infonce_scratch_len(queries: usize, columns: usize, users: usize, d: usize) -> usize {
+    o_offset(queries, columns, users, d) + d * queries
+}
+
+/// Where O, the negatives' weighted mean of the columns per query, starts in the scratch, in floats.
+fn o_offset(queries: usize, columns: usize, users: usize, d: usize) -> usize {
     split_offset(queries, users) + d * (queries.next_multiple_of(TILE) + columns.next_multiple_of(TILE))
 }
 
@@ -283,21 +288,28 @@ fn split_offset(queries: usize, users: usize) -> usize {
     (queries + users).next_multiple_of(64)
 }
 
-fn kernel_names(d: usize) -> Option<[&'static str; 3]> {
-    match d {
-        32 => Some(["infonce_lse_d32", "infonce_dq_d32", "infonce_dc_d32"]),
-        64 => Some(["infonce_lse_d64", "infonce_dq_d64", "infonce_dc_d64"]),
-        _ => None,
-    }
+/// The tiled passes at width d and the dynamic shared memory each takes.
+fn tiled_passes(d: usize) -> Option<[(&'static str, usize); 2]> {
+    let names = match d {
+        32 => ["infonce_lse_dq_d32", "infonce_dc_d32"],
+        64 => ["infonce_lse_dq_d64", "infonce_dc_d64"],
+        _ => return None,
+    };
+    Some([(names[0], shared_bytes(d) + o_rows_bytes(d)), (names[1], shared_bytes(d))])
 }
 
-/// Dynamic shared memory of the tiled passes at width d (NceShared in infonce.cu): the hi and lo halves of
-/// a query and a column tile (rows of d + 8 halves), and one region for the fp32 score tile (rows of 80),
-/// the fp16 probability tile (rows of 72 halves) or the block's fp32 gradient rows (rows of d + 4).
+/// Dynamic shared memory of a tiled pass at width d (NceShared in infonce.cu): the hi and lo halves of a
+/// query and a column tile (rows of d + 8 halves), and one region for the fp32 score tile (rows of 80), the
+/// fp16 probability tile (rows of 72 halves) or the block's fp32 gradient rows (rows of d + 4).
 fn shared_bytes(d: usize) -> usize {
     let tiles = 4 * TILE * (d + 8) * 2;
-    let region = [TILE * 80 * 4, TILE * (TILE + 8) * 2, TILE * (d + 4) * 4].into_iter().max().unwrap_or(0);
+    let region = [TILE * 80 * 4, TILE * (TILE + 8) * 2, o_rows_bytes(d)].into_iter().max().unwrap_or(0);
     tiles + region
+}
+
+/// A tile of fp32 rows of d + 4: the block's gradient rows, and infonce_lse_dq's O beside them.
+fn o_rows_bytes(d: usize) -> usize {
+    TILE * (d + 4) * 4
 }
 
 impl Gpu {
@@ -316,14 +328,9 @@ impl Gpu {
     /// while a training step is being captured into a graph.
     pub(crate) fn configure_infonce(&self) -> Result<()> {
         use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
-        for d in INFONCE_WIDTHS {
-            let shared = shared_bytes(d);
-            let Some(names) = kernel_names(d).filter(|_| shared > 48 * 1024 && shared <= self.max_shared_per_block)
-            else {
-                continue;
-            };
-            self.ctx.bind_to_thread()?;
-            for name in names {
+        self.ctx.bind_to_thread()?;
+        for (name, shared) in INFONCE_WIDTHS.into_iter().filter_map(tiled_passes).flatten() {
+            if shared > 48 * 1024 && shared <= self.max_shared_per_block {
                 self.kernels.get(name)?.set_attribute(MAX_SHARED, shared as i32)?;
             }
         }
@@ -353,7 +360,7 @@ impl Gpu {
         d_items: Dev<f32>,
         scratch: Dev<f32>,
     ) -> Result<()> {
-        let Some([lse_kernel, dq_kernel, dc_kernel]) = kernel_names(d) else {
+        let Some([(lse_dq_kernel, lse_dq_shared), (dc_kernel, dc_shared)]) = tiled_passes(d) else {
             bail!("infonce: embedding width {d} has no GPU kernel (they take {INFONCE_WIDTHS:?})");
         };
         ensure!(tau > 0.0 && tau.is_finite(), "infonce: tau must be positive, got {tau}");
@@ -379,10 +386,9 @@ impl Gpu {
         }
         // Above the default 48 KB at d = 64: the opt-in configure_infonce made, which every GPU from the V100
         // on grants.
-        let shared = shared_bytes(d);
-        if shared > self.max_shared_per_block {
+        if lse_dq_shared > self.max_shared_per_block {
             bail!(
-                "cuda:{}: infonce needs {shared} bytes of shared memory per block; this GPU allows {}",
+                "cuda:{}: infonce needs {lse_dq_shared} bytes of shared memory per block; this GPU allows {}",
                 self.ordinal,
                 self.max_shared_per_block
             );
@@ -393,6 +399,7 @@ impl Gpu {
         let (q_hi, q_lo) = (halves.slice(0, nq_pad * d), halves.slice(nq_pad * d, nq_pad * d));
         let (c_hi, c_lo) =
             (halves.slice(2 * nq_pad * d, nc_pad * d), halves.slice((2 * nq_pad + nc_pad) * d, nc_pad * d));
+        let o = Arg::Ptr(scratch.slice(o_offset(nq, nc, b, d), nq * d).ptr());
         for (hi, lo, src, idx, n, n_pad) in
             [(q_hi, q_lo, users, batch.q_row, nq, nq_pad), (c_hi, c_lo, items, batch.c_row, nc, nc_pad)]
         {
@@ -420,12 +427,12 @@ impl Gpu {
         let columns = [Arg::Ptr(batch.c_row.ptr()), Arg::Ptr(batch.c_user.ptr()), ban_arg];
         let sizes = [nq_arg, nc_arg, words_arg, Arg::F32(inv_tau)];
         let (lse_arg, g_arg, weights_arg) = (Arg::Ptr(lse.ptr()), Arg::Ptr(g.ptr()), Arg::Ptr(weights.ptr()));
-        let lse_args: Vec<Arg> = [&[lse_arg][..], &split, &[q_user], &columns, &sizes].concat();
-        // SAFETY (all four passes): the layout was built from this batch's lengths (rows below B·H and B·T or
+        let lse_dq_args: Vec<Arg> = [&[lse_arg, o][..], &split, &[q_user], &columns, &sizes].concat();
+        // SAFETY (all three passes): the layout was built from this batch's lengths (rows below B·H and B·T or
         // −1, users below B or −1, `words` words of bitmask per user), every buffer covers what it indexes
-        // (checked above), the split halves cover whole tiles, and the dynamic shared memory is what the
-        // kernels' tiles take (they trap on less).
-        unsafe { self.launch(lse_kernel, (row_tiles, 1), THREADS, shared as u32, &lse_args)? };
+        // (checked above; O nq·d floats of the scratch), the split halves cover whole tiles, and the dynamic
+        // shared memory is what the kernels' tiles take (they trap on less).
+        unsafe { self.launch(lse_dq_kernel, (row_tiles, 1), THREADS, lse_dq_shared as u32, &lse_dq_args)? };
         let args = [
             Arg::Ptr(d_users.ptr()),
             Arg::Ptr(d_items.ptr()),
@@ -439,17 +446,15 @@ impl Gpu {
             Arg::Ptr(batch.q_start.ptr()),
             Arg::Ptr(batch.c_start.ptr()),
             lse_arg,
+            o,
             weights_arg,
             Arg::I32(d as i32),
             Arg::F32(inv_tau),
         ];
         unsafe { self.launch("infonce_pos", (u32::try_from(b)?, 1), THREADS, 0, &args)? };
         let tail = [lse_arg, g_arg, weights_arg];
-        let dq_args: Vec<Arg> =
-            [&[Arg::Ptr(d_users.ptr())][..], &split, &[q_row, q_user], &columns, &tail, &sizes].concat();
-        unsafe { self.launch(dq_kernel, (row_tiles, 1), THREADS, shared as u32, &dq_args)? };
         let dc_args: Vec<Arg> = [&[Arg::Ptr(d_items.ptr())][..], &split, &[q_user], &columns, &tail, &sizes].concat();
-        unsafe { self.launch(dc_kernel, (col_tiles, 1), THREADS, shared as u32, &dc_args)? };
+        unsafe { self.launch(dc_kernel, (col_tiles, 1), THREADS, dc_shared as u32, &dc_args)? };
         self.column_sums(loss, loss_part, b, 1).map_err(|e| anyhow!("infonce loss: {e}"))
     }
 }

@@ -36,11 +36,9 @@ pub const ENTRY_POINTS: &[(&str, &[&str])] = &[
         &[
             "infonce_split",
             "infonce_pos",
-            "infonce_lse_d32",
-            "infonce_dq_d32",
+            "infonce_lse_dq_d32",
             "infonce_dc_d32",
-            "infonce_lse_d64",
-            "infonce_dq_d64",
+            "infonce_lse_dq_d64",
             "infonce_dc_d64",
         ],
     ),
