@@ -15,8 +15,8 @@
 //
 // No [queries × columns] matrix exists anywhere: each block holds one 64 × 64 score tile in shared memory
 // and recomputes it where it needs it (twice in all: once per query block, once per column block), as
-// flash attention does. Every sum has a fixed order and nothing is
-// atomic, so the results repeat bit for bit.
+// flash attention does. Every sum has a fixed order and nothing is atomic, so the results repeat bit for
+// bit.
 //
 // Products on tensor cores, to fp32 accuracy. Scores must be fp32: with τ = 0.05 they reach ±20, where
 // fp16 inputs would move the loss by about 1e-2. So each fp32 operand x is split into two halves,

@@ -7,7 +7,6 @@ use super::encoder::CudaEncoder;
 use super::memory::Dev;
 use super::model::GpuModel;
 use super::ops::attention_tiles;
-use super::profile::ProfileSummary;
 use crate::embed::batching;
 use crate::embed::encoder::ContentEncoder;
 use crate::llm::LlmConfig;
@@ -176,15 +175,8 @@ pub fn bench_embed(ordinal: usize, spec: &EmbedBenchSpec, quiet: bool) -> Result
             // per kernel and GEMM shape of a batch.
             let tokens_of = |batch: &Vec<usize>| batch.iter().map(|&i| spec.lengths[i]).sum::<usize>();
             let fullest = batches.iter().max_by_key(|b| tokens_of(b)).map(|b| refs(b)).unwrap_or_default();
-            let profiler = encoder.gpu().profiler.clone();
-            profiler.start(&encoder.gpu().ctx);
-            let mut summary = ProfileSummary::default();
-            for _ in 0..spec.profile {
-                encoder.encode(&fullest)?;
-                summary.add_unit(profiler.take()?);
-            }
-            profiler.stop();
-            anyhow::Ok(summary.to_json("batch", batch_ms))
+            let (profiler, ctx) = (encoder.gpu().profiler.clone(), encoder.gpu().ctx.clone());
+            profiler.profile_units(&ctx, "batch", spec.profile, batch_ms, |_| encoder.encode(&fullest).map(drop))
         })
         .transpose()?;
 

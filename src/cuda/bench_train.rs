@@ -6,7 +6,6 @@
 //! catalogue), and the FLOP count is its formula, so the two reports compare line by line.
 
 use super::bench::{device_json, gemm_tflops};
-use super::profile::ProfileSummary;
 use super::trainer::{ContentRows, GpuTrainer, Launch};
 use crate::cpu::infonce::LossPositions;
 use crate::data::sequences::UserSequence;
@@ -257,16 +256,11 @@ fn profile_updates<'u>(
     if spec.cuda_graphs {
         trainer.set_launch(Launch::Bucketed);
     }
-    let mut summary = ProfileSummary::default();
-    let profiler = trainer.gpu().profiler.clone();
-    profiler.start(&trainer.gpu().ctx);
-    for i in 0..spec.profile {
+    let (profiler, ctx) = (trainer.gpu().profiler.clone(), trainer.gpu().ctx.clone());
+    profiler.profile_units(&ctx, "update", spec.profile, update_ms, |i| {
         let next = batch((i + 1) % batches);
-        trainer.step(&batch(i % batches), Some(&next), 1e-4)?;
-        summary.add_unit(profiler.take()?);
-    }
-    profiler.stop();
-    Ok(summary.to_json("update", update_ms))
+        trainer.step(&batch(i % batches), Some(&next), 1e-4).map(drop)
+    })
 }
 
 #[cfg(test)]

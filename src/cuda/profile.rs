@@ -75,6 +75,27 @@ impl Profiler {
         Ok(out)
     }
 
+    /// Runs `work(i)` for i < `units` with timing on (only meanwhile), and sums each unit's launches:
+    /// [`ProfileSummary::to_json`] of them per `unit`, beside `measured_ms`.
+    pub fn profile_units(
+        &self,
+        ctx: &Arc<CudaContext>,
+        unit: &str,
+        units: usize,
+        measured_ms: f64,
+        mut work: impl FnMut(usize) -> Result<()>,
+    ) -> Result<Value> {
+        self.start(ctx);
+        let mut summary = ProfileSummary::default();
+        let timed = (0..units).try_for_each(|i| {
+            work(i)?;
+            summary.add_unit(self.take()?);
+            Ok(())
+        });
+        self.stop();
+        timed.map(|()| summary.to_json(unit, measured_ms))
+    }
+
     /// The launches timed since the last call, in order, once the stream they ran on has been synchronised;
     /// the events are kept for the next ones.
     pub fn take(&self) -> Result<Vec<Timed>> {
