@@ -177,12 +177,12 @@ fn gelu_with_bias_matches_the_cpu_forward_and_backward() {
         let (_b, bias_dev) = upload(&gpu, &bias);
         let (act_buf, act) = poisoned::<f16>(&gpu, rows * cols);
         gpu.gelu_bias_fwd(act, pre, bias_dev, rows, cols).unwrap();
-        let got_pre = read(&gpu, &pre_buf, pre, "gelu pre");
-        let want_pre: Vec<f16> = (0..rows * cols).map(|i| f16::from_f32(u[i].to_f32() + bias[i % cols])).collect();
-        assert_eq!(got_pre, want_pre, "the bias add is one fp32 addition and one fp16 rounding");
-        // Against the f64 reference: the kernel's Φ comes from erfc, accurate to a few fp32 ulps over the
-        // whole range (the f32 reference's 1 + erf loses digits to cancellation for inputs below −3).
-        let pre64 = f64s(&widen(&got_pre));
+        assert_eq!(read(&gpu, &pre_buf, pre, "gelu pre"), u, "the forward leaves the bias-free input as it was");
+        // The bias add is one fp32 addition and one fp16 rounding, in both directions. Against the f64
+        // reference: the kernel's Φ comes from erfc, accurate to a few fp32 ulps over the whole range (the
+        // f32 reference's 1 + erf loses digits to cancellation for inputs below −3).
+        let biased: Vec<f16> = (0..rows * cols).map(|i| f16::from_f32(u[i].to_f32() + bias[i % cols])).collect();
+        let pre64 = f64s(&widen(&biased));
         let mut want = vec![f64::NAN; rows * cols];
         cpu::gelu::forward(&mut want, &pre64);
         let what = format!("gelu {rows}×{cols}");
@@ -194,7 +194,7 @@ fn gelu_with_bias_matches_the_cpu_forward_and_backward() {
         let (d_buf, d) = poisoned_with(&gpu, &dact);
         let (dbias_buf, dbias) = poisoned_with(&gpu, &prior);
         let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, cols, 1));
-        gpu.gelu_bias_bwd(d, dbias, d, pre, scratch, rows, cols).unwrap();
+        gpu.gelu_bias_bwd(d, dbias, d, pre, bias_dev, scratch, rows, cols).unwrap();
         let mut want_d = f64s(&widen(&dact));
         cpu::gelu::backward_in_place(&mut want_d, &pre64);
         let mut want_dbias = f64s(&prior);

@@ -290,7 +290,8 @@ impl Gpu {
         }
     }
 
-    /// `pre = fp16(pre + bias)` in place and `act = fp16(gelu(pre))` (exact erf form) for `rows` rows.
+    /// `act = fp16(gelu(fp16(pre + bias)))` (exact erf form) for `rows` rows; `pre` is left as it is (the
+    /// backward adds the bias again).
     pub fn gelu_bias_fwd(&self, act: Dev<f16>, pre: Dev<f16>, bias: Dev<f32>, rows: usize, cols: usize) -> Result<()> {
         ensure!(cols > 0 && cols.is_multiple_of(8), "gelu: width {cols} is not a multiple of 8");
         covers(&act, rows * cols, "gelu output")?;
@@ -307,8 +308,9 @@ impl Gpu {
         unsafe { self.launch("gelu_bias_fwd", (self.grid_for(rows * cols / 8), 1), 256, 0, &args) }
     }
 
-    /// `dpre = fp16(dact · gelu'(pre))` (`dpre` may be `dact`: in place) and `dbias += Σ dpre`. `scratch`
-    /// holds [`Self::partials_len`]`(rows, cols, 1)` floats.
+    /// `dpre = fp16(dact · gelu'(fp16(pre + bias)))` (`dpre` may be `dact`: in place) and `dbias += Σ dpre`,
+    /// for the bias-free `pre` the forward read. `scratch` holds [`Self::partials_len`]`(rows, cols, 1)`
+    /// floats.
     #[allow(clippy::too_many_arguments)]
     pub fn gelu_bias_bwd(
         &self,
@@ -316,6 +318,7 @@ impl Gpu {
         dbias: Dev<f32>,
         dact: Dev<f16>,
         pre: Dev<f16>,
+        bias: Dev<f32>,
         scratch: Dev<f32>,
         rows: impl Into<RowSplit>,
         cols: usize,
@@ -326,6 +329,7 @@ impl Gpu {
         for (buf, what) in [(&dpre, "gelu dpre"), (&dact, "gelu dact"), (&pre, "gelu pre-activation")] {
             covers(buf, rows * cols, what)?;
         }
+        covers(&bias, cols, "gelu bias")?;
         if rows == 0 {
             return Ok(());
         }
@@ -338,6 +342,7 @@ impl Gpu {
             Arg::Ptr(scratch.ptr()),
             Arg::Ptr(dact.ptr()),
             Arg::Ptr(pre.ptr()),
+            Arg::Ptr(bias.ptr()),
             rows_arg,
             Arg::I32(int(cols, "width")?),
             split_arg,

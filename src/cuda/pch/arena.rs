@@ -29,7 +29,7 @@ pub(super) struct LayerActs {
     pub xhat1: Dev<f16>,
     pub rstd1: Dev<f32>,
     pub x1: Dev<f16>,
-    /// The up projection with its bias (the GELU input), and the GELU output.
+    /// The up projection without its bias (the backward adds it again, as the GELU did), and the GELU output.
     pub u: Dev<f16>,
     pub g: Dev<f16>,
     pub xhat2: Dev<f16>,

@@ -46,7 +46,7 @@ impl GpuPch {
             gpu.layernorm_bwd(a.d_mid, gw, gb, gbias, a.d_res, d_proj, c.xhat2, c.rstd2, nw, a.partials, split, d)?;
             blas.at_b_acc(self.grad(w.down_w), a.d_mid, c.g, d, f, rows)?;
             blas.a_b(a.dg, a.d_mid, self.p16(w.down_w), rows, f, d, false)?;
-            gpu.gelu_bias_bwd(a.dg, self.grad(w.up_b), a.dg, c.u, a.partials, split, f)?;
+            gpu.gelu_bias_bwd(a.dg, self.grad(w.up_b), a.dg, c.u, self.p32(w.up_b), a.partials, split, f)?;
             blas.at_b_acc(self.grad(w.up_w), a.dg, c.x1, f, d, rows)?;
             blas.a_b(a.d_proj, a.dg, self.p16(w.up_w), rows, d, f, false)?;
 
