@@ -3,8 +3,9 @@
 //! than K and not a multiple of the 64-row chunk, K from 1 to the kernel's 256, widths below, at and past the
 //! 64-column slab, galleries split into parts (the merge kernel), with and without exclusions; exact
 //! agreement (rows and bit-equal scores) on grid-valued embeddings whose products are exact, with many tied
-//! scores, duplicate gallery rows (and whatever ties random rows make) and NaN rows; and the refusals. The output buffers are poisoned before
-//! every launch (GpuTopK does it). Without a GPU each test says why and skips.
+//! scores, duplicate gallery rows (and whatever ties random rows make) and NaN rows; and the refusals. The
+//! output buffers are poisoned before every launch (GpuTopK does it). Without a GPU each test says why and
+//! skips.
 
 mod cuda_support;
 
