@@ -310,19 +310,14 @@ fn graphs_replay_the_eager_step_bit_for_bit_across_buckets() {
     let mut rng = rng("cuda_train_step graphs");
     let dir = tempfile::tempdir().unwrap();
     let store = write_store(&dir.path().join("store"), &mut rng);
-    let users = users(&mut rng, 120);
+    let users = users(&mut rng, 69);
     let start = params(&mut rng);
     let s = StepSettings { clip_grad_norm: Some(0.5), ..settings(ItemTower::Causal, true) };
-    // Batches of 16 and 7 users, alternately: their rows fall into different buckets, and each bucket comes
-    // back, in either staging buffer.
-    let mut at = 0;
-    let batches: Vec<Vec<&UserSequence>> = [16, 16, 7, 16, 7, 7, 16]
-        .iter()
-        .map(|&n| {
-            at += n;
-            users[at - n..at].iter().collect()
-        })
-        .collect();
+    // Batches of 16 and 7 users, alternately: their rows fall into different buckets, which random rows
+    // make come back only by chance (all seven differ in about one run in 4,000), so the last batch repeats
+    // the first one's users: at least one bucket comes back.
+    let batches: Vec<Vec<&UserSequence>> =
+        [0..16, 16..32, 32..39, 39..55, 55..62, 62..69, 0..16].into_iter().map(|r| users[r].iter().collect()).collect();
     let bucket = |b: &[&UserSequence]| {
         let rows = |len: fn(&UserSequence, usize) -> usize, max| padded_rows(b.iter().map(|u| len(u, max)).sum());
         (b.len(), rows(|u, h| u.recent_history(h).len(), s.history), rows(|u, t| u.first_targets(t).len(), s.targets))
