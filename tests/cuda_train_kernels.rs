@@ -209,7 +209,8 @@ fn gelu_with_bias_matches_the_cpu_forward_and_backward() {
 fn l2norm_with_bias_matches_the_cpu_forward_and_backward() {
     let Some(gpu) = gpu() else { return };
     let mut rng = rng("l2norm");
-    // A large eps clamps some rows, exercising both branches of the backward (as the reference's test does).
+    // Every case has rows on both sides of eps, so the backward takes both branches: row 3 is zero at the
+    // small eps; the large one clamps the rows halved below.
     for (rows, dim, eps) in [(1000, 64, 1e-12f32), (45, 200, 1e-12), (200, 64, 3.0)] {
         let mut z = f16s(&uniform(&mut rng, rows * dim, 1.0));
         // The bias is fp16-exact, so that row 3 below can cancel it to exactly zero.
@@ -218,6 +219,11 @@ fn l2norm_with_bias_matches_the_cpu_forward_and_backward() {
             // Row 3: exactly zero after the bias, so its norm is below eps.
             for c in 0..dim {
                 z[3 * dim + c] = f16::from_f32(-bias[c]);
+            }
+        } else {
+            // Row norms are ≈ 4.7 at dim 64; halving every other row (exact in fp16) brings those to ≈ 2.5.
+            for x in z.chunks_mut(dim).step_by(2).flatten() {
+                *x = f16::from_f32(x.to_f32() * 0.5);
             }
         }
         let (_z, z_dev) = upload(&gpu, &z);
@@ -229,11 +235,19 @@ fn l2norm_with_bias_matches_the_cpu_forward_and_backward() {
         let (mut want_y, mut want_norms) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows]);
         cpu::l2norm::forward(&mut want_y, &mut want_norms, &zb, rows, dim, eps as f64);
         let what = format!("l2norm {rows}×{dim} eps {eps}");
+        let clamped = want_norms.iter().filter(|&&n| n < eps).count();
+        assert!(clamped > 0 && clamped < rows, "{what}: {clamped} rows clamped, both branches wanted");
         let tol = |w: f64| 2e-6 * w.abs() + 1e-7;
         assert_close(&read(&gpu, &y_buf, y, "l2norm y"), &f64s(&want_y), tol, &format!("{what} y"));
         assert_close(&read(&gpu, &n_buf, norms, "norms"), &f64s(&want_norms), tol, &format!("{what} norms"));
 
-        let dy = uniform(&mut rng, rows * dim, 1.0);
+        let mut dy = uniform(&mut rng, rows * dim, 1.0);
+        if eps < 1.0 {
+            // The zero row's dy / 1e-12 must pass fp16's range (below, its infinities are checked).
+            for g in &mut dy[3 * dim..4 * dim] {
+                *g = g.signum() * g.abs().max(1e-3);
+            }
+        }
         let prior = uniform(&mut rng, dim, 1.0);
         let (_dy, dy_dev) = upload(&gpu, &dy);
         let (dz_buf, dz) = poisoned::<f16>(&gpu, rows * dim);
