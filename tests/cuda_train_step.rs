@@ -2,14 +2,16 @@
 //! loss and every parameter's gradient after one update within the 1e-2 (fp16 compute against f32),
 //! a 50-update loss curve that tracks the CPU's, an overflowing update skipped without touching anything,
 //! and `train --device cuda` resuming a CPU run (and the reverse) in the same run directory. Then the step
-//! against itself: replayed from CUDA graphs, padded to its shape bucket and launched eagerly, the same
-//! updates give the same bits, an overflow skipped inside a replay included. Each test skips, saying why,
-//! without a GPU.
+//! against itself: replayed from CUDA graphs and padded to its shape bucket, the same updates give the same
+//! bits, an overflow skipped inside a replay included; padded and unpadded give the same bits on the
+//! emulator, and on a GPU wherever cuBLAS keeps its algorithm for the padded shapes. Each test skips, saying
+//! why, without a GPU.
 
 mod cuda_support;
 
 use cuda_support::{assert_rel, binary, gpu, rng};
 use learn_kern::cpu::infonce::LossPositions;
+use learn_kern::cuda::Gpu;
 use learn_kern::cuda::bucket::padded_rows;
 use learn_kern::cuda::trainer::{GpuTrainer, Launch};
 use learn_kern::data::sequences::UserSequence;
@@ -291,6 +293,18 @@ fn outcome_bits(o: &learn_kern::train::engine::StepOutcome) -> (u64, u64, usize,
     (o.loss.to_bits(), o.grad_norm.to_bits(), o.pairs, o.skipped)
 }
 
+/// Whether padded launches left the unpadded run's bits, said on stderr. On the emulator, whose GEMMs sum
+/// in order, they must; on a GPU cuBLAS may pick another algorithm (another split of K) for a padded GEMM
+/// shape and round differently, so there a difference is said and the caller holds the two runs to the
+/// CPU comparison's bounds instead. The padding logic itself is what the emulator checks bit for bit.
+fn padding_kept_the_bits(gpu: &Gpu, same: bool, what: &str) -> bool {
+    assert!(same || !gpu.is_emulated(), "{what}: padding changed the results");
+    if !same {
+        eprintln!("{what}: padded and unpadded differ in bits on {} (cuBLAS's choice for a padded shape)", gpu.name);
+    }
+    same
+}
+
 /// A GPU trainer launching as `launch`.
 fn trainer<'a>(
     s: &StepSettings,
@@ -306,7 +320,7 @@ fn trainer<'a>(
 
 #[test]
 fn graphs_replay_the_eager_step_bit_for_bit_across_buckets() {
-    let Some(_gpu) = gpu() else { return };
+    let Some(device) = gpu() else { return };
     let mut rng = rng("cuda_train_step graphs");
     let dir = tempfile::tempdir().unwrap();
     let store = write_store(&dir.path().join("store"), &mut rng);
@@ -324,7 +338,8 @@ fn graphs_replay_the_eager_step_bit_for_bit_across_buckets() {
     };
     let buckets: std::collections::HashSet<_> = batches.iter().map(|b| bucket(b)).collect();
     assert!(buckets.len() >= 2 && buckets.len() < batches.len(), "the batches make {} buckets", buckets.len());
-    let schedule = Schedule::new(2e-3, batches.len(), 0.3).unwrap();
+    let peak_lr = 2e-3;
+    let schedule = Schedule::new(peak_lr, batches.len(), 0.3).unwrap();
     let run = |launch: Launch| {
         let mut gpu = trainer(&s, &store, OptimState::fresh(start.clone()), 16, launch);
         let outcomes: Vec<_> = (0..batches.len())
@@ -338,19 +353,21 @@ fn graphs_replay_the_eager_step_bit_for_bit_across_buckets() {
     let (eager, bucketed, graphs) = (run(Launch::Eager), run(Launch::Bucketed), run(Launch::Graphs));
     assert_eq!((eager.2, bucketed.2, graphs.2), (0, 0, buckets.len()), "graphs captured, one per bucket");
     assert!(eager.0.iter().all(|o| !o.3), "an update overflowed");
-    // A replay is the launches it captured (any GPU); padding changes nothing (where cuBLAS picks the same
-    // algorithm for the padded shapes, as a GEMM summing in order does).
+    // A replay is the launches it captured, on any GPU.
     assert!(
         graphs.0 == bucketed.0 && graphs.1 == bucketed.1,
         "graph replays differ from the same launches made eagerly"
     );
-    assert!(
-        bucketed.0 == eager.0,
-        "padding to the buckets changed a loss or a norm: {:?} vs {:?}",
-        bucketed.0,
-        eager.0
-    );
-    assert!(bucketed.1 == eager.1, "padding to the buckets changed the parameters or Adam's moments");
+    if !padding_kept_the_bits(&device, bucketed == eager, "seven updates in two buckets") {
+        // An Adam update moves a parameter by at most lr·(1 − β1)/√(1 − β2) ≈ 3.2·lr, whatever its gradient.
+        for (i, (p, e)) in bucketed.0.iter().zip(&eager.0).enumerate() {
+            let (p, e) = (f64::from_bits(p.0), f64::from_bits(e.0));
+            assert!((p - e).abs() <= 1e-2 * e, "update {i}: loss {p} padded, {e} not");
+        }
+        let drift = bucketed.1.0.iter().zip(&eager.1.0).map(|(a, b)| (f32::from_bits(*a) - f32::from_bits(*b)).abs());
+        let worst = drift.fold(0.0f32, f32::max);
+        assert!(worst <= 2.0 * 3.2 * peak_lr as f32 * batches.len() as f32, "parameters drifted {worst} apart");
+    }
 }
 
 #[test]
@@ -399,8 +416,8 @@ fn an_overflow_inside_a_replayed_graph_is_skipped() {
 }
 
 #[test]
-fn a_bucket_padded_with_a_dummy_sequence_gives_the_unpadded_result_exactly() {
-    let Some(_gpu) = gpu() else { return };
+fn a_bucket_padded_with_a_dummy_sequence_gives_the_unpadded_result() {
+    let Some(device) = gpu() else { return };
     let mut rng = rng("cuda_train_step padding");
     let dir = tempfile::tempdir().unwrap();
     let store = write_store(&dir.path().join("store"), &mut rng);
@@ -422,12 +439,17 @@ fn a_bucket_padded_with_a_dummy_sequence_gives_the_unpadded_result_exactly() {
         let mut padded = trainer(&s, &store, OptimState::fresh(start.clone()), 13, Launch::Bucketed);
         let mut exact = trainer(&s, &store, OptimState::fresh(start.clone()), 13, Launch::Eager);
         let (got, want) = (padded.step(&batch, None, 1e-3).unwrap(), exact.step(&batch, None, 1e-3).unwrap());
-        assert_eq!(outcome_bits(&got), outcome_bits(&want), "{what}: loss, norm or pairs");
-        let bits = |p: PchParams<f32>| p.flat().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let (g, w) = (bits(padded.gradients().unwrap()), bits(exact.gradients().unwrap()));
-        if let Some(i) = (0..g.len()).find(|&i| g[i] != w[i]) {
-            panic!("{what}: gradient {i} is {} padded, {} not", f32::from_bits(g[i]), f32::from_bits(w[i]));
+        let (g, w) = (padded.gradients().unwrap(), exact.gradients().unwrap());
+        let bits = |p: &PchParams<f32>| p.flat().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let same = outcome_bits(&got) == outcome_bits(&want)
+            && bits(&g) == bits(&w)
+            && state_bits(&padded) == state_bits(&exact);
+        if !padding_kept_the_bits(&device, same, &what) {
+            assert_eq!((got.pairs, got.skipped), (want.pairs, want.skipped), "{what}: pairs or skip");
+            assert!((got.loss - want.loss).abs() <= 1e-2 * want.loss, "{what}: loss {} vs {}", got.loss, want.loss);
+            for ((name, _, g), (_, _, w)) in g.tensors().zip(w.tensors()) {
+                assert_rel(&wide(g), &wide(w), 1e-2, &format!("{what}: d {name}, padded"));
+            }
         }
-        assert!(state_bits(&padded) == state_bits(&exact), "{what}: the update differs");
     }
 }

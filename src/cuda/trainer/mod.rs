@@ -25,8 +25,9 @@
 //! rate and the bias corrections (Adam's scalars). Padding changes no result: the dummy rows get exactly
 //! zero gradients, every kernel here gives the real rows the same bits padded or not (the reductions split
 //! rows by the padded count), and tests/cuda_train_step.rs holds the padded step to the unpadded one bit for
-//! bit. The one thing outside this code is cuBLAS, which may pick another algorithm for a padded GEMM shape
-//! and round differently; a graph replay is always the same launches as the padded step made eagerly.
+//! bit on the emulator. The one thing outside this code is cuBLAS, which may pick another algorithm for a
+//! padded GEMM shape and round differently (that test says so on a GPU); a graph replay is always the same
+//! launches as the padded step made eagerly.
 //!
 //! An update whose scaled fp16 gradients overflow is skipped on the device (`adam_update` reads the flag
 //! `grad_norm_finish` leaves), inside a replayed graph as well; the scale halves (see [`LossScale`]) and
