@@ -4,7 +4,7 @@
 // step repeats bit for bit on the same GPU and launch shape.
 #include "common.cuh"
 
-// out_p[j] += Σ_b partials[(p·blocks + b)·n + j] for b = 0 .. blocks-1, in that order, for each of `parts`
+// out_p[j] = Σ_b partials[(p·blocks + b)·n + j] for b = 0 .. blocks-1, in that order, for each of `parts`
 // (at most 3) partial arrays laid one after the other, each into its own output: one launch for all the
 // sums one backward kernel leaves (LayerNorm's weight, bias and delta-bias gradients). One thread per column
 // of a part: neighbouring threads read neighbouring columns of each partial row, so every read is coalesced.
@@ -17,6 +17,6 @@ extern "C" __global__ void column_sums(float* __restrict__ out0, float* __restri
         float s = 0.0f;
         for (int b = 0; b < blocks; ++b) s += part[(index_t)b * n + j];
         float* out = p == 0 ? out0 : p == 1 ? out1 : out2;
-        out[j] += s;
+        out[j] = s;
     }
 }

@@ -1,7 +1,7 @@
 //! The PCH training kernels against the CPU reference (src/cpu, src/train/optim.rs), on fresh random inputs,
-//! outputs poisoned (NaN) before the kernels write them with a guard after them that must survive. Gradients
-//! the kernels accumulate (`+=`) start from random values, as the reference's do. Without a GPU each test
-//! says why and skips.
+//! outputs poisoned (NaN) before the kernels write them with a guard after them that must survive; the
+//! parameter gradients too, which the kernels write (`=`) where the reference's functions add (`+=`, from
+//! zeros here). Without a GPU each test says why and skips.
 
 mod cuda_support;
 
@@ -25,7 +25,7 @@ fn f64s(values: &[f32]) -> Vec<f64> {
     values.iter().map(|&v| v as f64).collect()
 }
 
-/// `data` in a poisoned buffer: the guard after it shows whether a kernel that accumulates into it wrote
+/// `data` in a poisoned buffer: the guard after it shows whether a kernel that updates it in place wrote
 /// past its end.
 fn poisoned_with<T: bytemuck::Pod>(gpu: &Gpu, data: &[T]) -> (DeviceBuffer, Dev<T>) {
     let (buf, view) = poisoned::<T>(gpu, data.len());
@@ -85,21 +85,20 @@ fn layernorm_forward_and_backward_match_the_cpu() {
         // Backward from the kernel's own saved state (the reference is given the same fp16 xhat).
         let dy = f16s(&uniform(&mut rng, rows * dim, 1.0));
         let dy2 = f16s(&uniform(&mut rng, rows * dim, 1.0));
-        let (prior_w, prior_b, prior_d) =
-            (uniform(&mut rng, dim, 1.0), uniform(&mut rng, dim, 1.0), uniform(&mut rng, dim, 1.0));
         let (_dy, dy_dev) = upload(&gpu, &dy);
         let (_dy2, dy2_dev) = upload(&gpu, &dy2);
+        // Every output poisoned: the parameter gradients are written, not added to.
         let (dx_buf, dx) = poisoned::<f16>(&gpu, rows * dim);
-        let (dw_buf, dw) = poisoned_with(&gpu, &prior_w);
-        let (db_buf, db) = poisoned_with(&gpu, &prior_b);
-        let (dd_buf, dd) = poisoned_with(&gpu, &prior_d);
+        let (dw_buf, dw) = poisoned::<f32>(&gpu, dim);
+        let (db_buf, db) = poisoned::<f32>(&gpu, dim);
+        let (dd_buf, dd) = poisoned::<f32>(&gpu, dim);
         let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 3));
         gpu.layernorm_bwd(dx, dw, db, Some(dd), dy_dev, Some(dy2_dev), xhat, rstd, w_dev, scratch, rows, dim).unwrap();
         let got_dx = widen(&read(&gpu, &dx_buf, dx, "layernorm dx"));
 
         let dy_sum: Vec<f32> = dy.iter().zip(&dy2).map(|(a, b)| a.to_f32() + b.to_f32()).collect();
         let (mut want_dx, mut want_dw, mut want_db, mut want_dd) =
-            (vec![f32::NAN; rows * dim], prior_w.clone(), prior_b.clone(), prior_d.clone());
+            (vec![f32::NAN; rows * dim], vec![0.0; dim], vec![0.0; dim], vec![0.0; dim]);
         let xhat32 = widen(&got_xhat);
         cpu::layernorm::backward(&mut want_dx, &mut want_dw, &mut want_db, &dy_sum, &xhat32, &got_rstd, &w, rows, dim);
         cpu::linear::add_column_sums(&mut want_dd, &want_dx, rows, dim);
@@ -137,8 +136,8 @@ fn layernorm_without_residual_and_reductions_repeat_bit_for_bit() {
     let (_dy, dy_dev) = upload(&gpu, &dy);
     let run_split = |split: RowSplit| {
         let (_dx, dx) = poisoned::<f16>(&gpu, rows * dim);
-        let (_w, dw) = poisoned_with(&gpu, &vec![0.0f32; dim]);
-        let (_b, db) = poisoned_with(&gpu, &vec![0.0f32; dim]);
+        let (_w, dw) = poisoned::<f32>(&gpu, dim);
+        let (_b, db) = poisoned::<f32>(&gpu, dim);
         let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(split, dim, 3));
         gpu.layernorm_bwd(dx, dw, db, None, dy_dev, None, xhat, rstd, w_dev, scratch, split, dim).unwrap();
         (gpu.download(dx).unwrap(), gpu.download(dw).unwrap(), gpu.download(db).unwrap())
@@ -189,15 +188,15 @@ fn gelu_with_bias_matches_the_cpu_forward_and_backward() {
         assert_close(&widen(&read(&gpu, &act_buf, act, "gelu")), &want, f16_tol(1e-6), &what);
 
         let dact = f16s(&uniform(&mut rng, rows * cols, 1.0));
-        let prior = uniform(&mut rng, cols, 1.0);
-        // In place, as the training step runs it: the gradient overwrites dact.
+        // In place, as the training step runs it: the gradient overwrites dact. The bias gradient is written,
+        // not added to.
         let (d_buf, d) = poisoned_with(&gpu, &dact);
-        let (dbias_buf, dbias) = poisoned_with(&gpu, &prior);
+        let (dbias_buf, dbias) = poisoned::<f32>(&gpu, cols);
         let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, cols, 1));
         gpu.gelu_bias_bwd(d, dbias, d, pre, bias_dev, scratch, rows, cols).unwrap();
         let mut want_d = f64s(&widen(&dact));
         cpu::gelu::backward_in_place(&mut want_d, &pre64);
-        let mut want_dbias = f64s(&prior);
+        let mut want_dbias = vec![0.0; cols];
         cpu::linear::add_column_sums(&mut want_dbias, &want_d, rows, cols);
         assert_close(&widen(&read(&gpu, &d_buf, d, "gelu dpre")), &want_d, f16_tol(2e-6), &format!("{what} dpre"));
         let sum_tol = |w: f64| 1e-5 * (w.abs() + 1.0) * (rows as f64).sqrt();
@@ -248,15 +247,14 @@ fn l2norm_with_bias_matches_the_cpu_forward_and_backward() {
                 *g = g.signum() * g.abs().max(1e-3);
             }
         }
-        let prior = uniform(&mut rng, dim, 1.0);
         let (_dy, dy_dev) = upload(&gpu, &dy);
         let (dz_buf, dz) = poisoned::<f16>(&gpu, rows * dim);
-        let (dbias_buf, dbias) = poisoned_with(&gpu, &prior);
+        let (dbias_buf, dbias) = poisoned::<f32>(&gpu, dim);
         let (_s, scratch) = poisoned::<f32>(&gpu, gpu.partials_len(rows, dim, 1));
         gpu.l2norm_bwd(dz, Some(dbias), dy_dev, y, norms, scratch, rows, dim, eps).unwrap();
         let mut want_dz = vec![f32::NAN; rows * dim];
         cpu::l2norm::backward(&mut want_dz, &dy, &want_y, &want_norms, rows, dim, eps as f64);
-        let mut want_dbias = prior.clone();
+        let mut want_dbias = vec![0.0; dim];
         cpu::linear::add_column_sums(&mut want_dbias, &want_dz, rows, dim);
         let mut got_dz = widen(&read(&gpu, &dz_buf, dz, "l2norm dz"));
         if eps < 1.0 {

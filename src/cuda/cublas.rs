@@ -176,14 +176,15 @@ impl Blas {
         self.gemm("a_b", [m, n, k], a, b, (y.ptr(), R_16F), accumulate)
     }
 
-    /// `y[m, n] += a[k, m]ᵀ · b[k, n]` into fp32, row-major: the weight gradient `dYᵀ · X` of a linear layer
-    /// summed over k rows (and, with `a` a column of ones, its bias gradient).
-    pub fn at_b_acc(&self, y: Dev<f32>, a: Dev<f16>, b: Dev<f16>, m: usize, n: usize, k: usize) -> Result<()> {
+    /// `y[m, n] = a[k, m]ᵀ · b[k, n]` in fp32, row-major: the weight gradient `dYᵀ · X` of a linear layer
+    /// summed over k rows (and, with `a` a column of ones, its bias gradient). It overwrites `y` (β = 0), so
+    /// cuBLAS neither reads the gradient nor needs it zeroed first.
+    pub fn at_b(&self, y: Dev<f32>, a: Dev<f16>, b: Dev<f16>, m: usize, n: usize, k: usize) -> Result<()> {
         ensure!(y.len() >= m * n && a.len() >= k * m && b.len() >= k * n, "gemm {m}×{n}×{k}: operands too small");
         // yᵀ[n, m] = bᵀ[n, k] · a[k, m]: b[k, n] row-major is the column-major bᵀ (ldb = n); a[k, m] row-major
         // is the column-major aᵀ[m, k] (ld = m), transposed back.
         let (a, b) = (Operand { ptr: b.ptr(), op: OP_N, ld: n }, Operand { ptr: a.ptr(), op: OP_T, ld: m });
-        self.gemm("at_b_acc", [m, n, k], a, b, (y.ptr(), R_32F), true)
+        self.gemm("at_b", [m, n, k], a, b, (y.ptr(), R_32F), false)
     }
 
     /// The column-major product `C[n, m] = op(A)[n, k] · op(B)[k, m]` (+ C) that each row-major layout above

@@ -380,9 +380,8 @@ impl Gpu {
         ensure!(scratch.ptr().is_multiple_of(16), "infonce scratch: {scratch:?} does not start on a 16-byte boundary");
         self.fill_bytes(d_users.slice(0, nu * d), 0)?;
         self.fill_bytes(d_items.slice(0, ni * d), 0)?;
-        self.fill_bytes(loss.slice(0, 1), 0)?;
         if b == 0 {
-            return Ok(());
+            return self.fill_bytes(loss.slice(0, 1), 0);
         }
         // Above the default 48 KB at d = 64: the opt-in configure_infonce made, which every GPU from the V100
         // on grants.

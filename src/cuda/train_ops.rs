@@ -4,9 +4,10 @@
 //!
 //! Reductions over rows (parameter and bias gradients) run in two passes with no floating-point atomics:
 //! the kernel writes one partial sum per block of rows into a caller's scratch buffer
-//! ([`Gpu::partials_len`] floats), and `column_sums` adds them in block order into the gradient, which it
-//! accumulates (`+=`), as the CPU reference's backward functions do. A step therefore repeats bit for bit on
-//! one GPU; the blocks depend on the GPU's multiprocessor count, so another GPU model may round differently.
+//! ([`Gpu::partials_len`] floats), and `column_sums` adds them in block order and writes the sum as the
+//! gradient (`=`): a backward writes each gradient once, so nothing zeroes the buffer before it (the CPU
+//! reference's functions accumulate instead, `+=`). A step therefore repeats bit for bit on one GPU; the
+//! blocks depend on the GPU's multiprocessor count, so another GPU model may round differently.
 //! They depend on the row count only through its shape bucket ([`padded_rows`]), so that rows a bucket
 //! appends (with zero gradients) only add zeros at the end of the last blocks. The training step runs both
 //! towers as one set of rows, each padded on its own: a [`RowSplit`] sums each tower's rows in blocks of
@@ -151,9 +152,18 @@ impl Gpu {
         2 * one
     }
 
-    /// `out[j] += Σ_b partials[b, j]` over `blocks` partial rows of `n`, in block order.
+    /// `out[j] = Σ_b partials[b, j]` over `blocks` partial rows of `n`, in block order.
     pub(super) fn column_sums(&self, out: Dev<f32>, partials: Dev<f32>, blocks: usize, n: usize) -> Result<()> {
         self.column_sums_of(&[out], partials, blocks, n)
+    }
+
+    /// Zeros in each of `outs`' first `n` values: the sums over no rows.
+    fn zero_sums(&self, outs: &[Dev<f32>], n: usize) -> Result<()> {
+        for out in outs {
+            covers(out, n, "gradient sum")?;
+            self.fill_bytes(out.slice(0, n), 0)?;
+        }
+        Ok(())
     }
 
     /// [`Self::column_sums`] for up to three partial arrays of `blocks · n` laid one after the other in
@@ -230,7 +240,7 @@ impl Gpu {
     }
 
     /// Gradients of [`Self::layernorm_fwd`] for `dy` (plus `dy2` when given): `dx` (fp16) is overwritten;
-    /// `dw += Σ dy·xhat`, `db += Σ dy` and, when given, `d_delta_bias += Σ dx`. `scratch` holds
+    /// `dw = Σ dy·xhat`, `db = Σ dy` and, when given, `d_delta_bias = Σ dx`. `scratch` holds
     /// [`Self::partials_len`]`(rows, dim, 3)` floats.
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_bwd(
@@ -259,8 +269,9 @@ impl Gpu {
         }
         covers(&rstd, rows, "layernorm rstd")?;
         covers(&w, dim, "layernorm weight")?;
+        let sums: Vec<Dev<f32>> = [Some(dw), Some(db), d_delta_bias].into_iter().flatten().collect();
         if rows == 0 {
-            return Ok(());
+            return self.zero_sums(&sums, dim);
         }
         let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         covers(&scratch, self.partials_len(split, dim, 3), "layernorm scratch")?;
@@ -284,10 +295,7 @@ impl Gpu {
         // SAFETY: block x reads and writes its rows (below `rows`, reduction_rows) of [rows, dim] buffers
         // and writes row x of each [blocks, dim] partial array; all covered (checked); blockDim·8 ≥ dim.
         unsafe { self.launch("layernorm_bwd", (u32::try_from(blocks)?, 1), row_threads(dim, 1024), 0, &args)? };
-        match d_delta_bias {
-            Some(d_bias) => self.column_sums_of(&[dw, db, d_bias], scratch, blocks, dim),
-            None => self.column_sums_of(&[dw, db], scratch, blocks, dim),
-        }
+        self.column_sums_of(&sums, scratch, blocks, dim)
     }
 
     /// `act = fp16(gelu(fp16(pre + bias)))` (exact erf form) for `rows` rows; `pre` is left as it is (the
@@ -308,7 +316,7 @@ impl Gpu {
         unsafe { self.launch("gelu_bias_fwd", (self.grid_for(rows * cols / 8), 1), 256, 0, &args) }
     }
 
-    /// `dpre = fp16(dact · gelu'(fp16(pre + bias)))` (`dpre` may be `dact`: in place) and `dbias += Σ dpre`,
+    /// `dpre = fp16(dact · gelu'(fp16(pre + bias)))` (`dpre` may be `dact`: in place) and `dbias = Σ dpre`,
     /// for the bias-free `pre` the forward read. `scratch` holds [`Self::partials_len`]`(rows, cols, 1)`
     /// floats.
     #[allow(clippy::too_many_arguments)]
@@ -331,7 +339,7 @@ impl Gpu {
         }
         covers(&bias, cols, "gelu bias")?;
         if rows == 0 {
-            return Ok(());
+            return self.zero_sums(&[dbias], cols);
         }
         let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         covers(&scratch, self.partials_len(split, cols, 1), "gelu scratch")?;
@@ -394,7 +402,7 @@ impl Gpu {
     }
 
     /// Gradient of [`Self::l2norm_fwd`]: `dz` (fp16) from `dy`, the outputs `y` and the `norms`; with
-    /// `dbias`, also `dbias += Σ dz`. `scratch` holds [`Self::partials_len`]`(rows, dim, 1)` floats.
+    /// `dbias`, also `dbias = Σ dz`. `scratch` holds [`Self::partials_len`]`(rows, dim, 1)` floats.
     #[allow(clippy::too_many_arguments)]
     pub fn l2norm_bwd(
         &self,
@@ -416,7 +424,7 @@ impl Gpu {
         covers(&y, rows * dim, "l2norm output")?;
         covers(&norms, rows, "l2norm norms")?;
         if rows == 0 {
-            return Ok(());
+            return self.zero_sums(dbias.as_slice(), dim);
         }
         let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         if dbias.is_some() {

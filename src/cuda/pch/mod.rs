@@ -2,11 +2,11 @@
 //!
 //! Parameters live in one buffer in the canonical flat layout of [`PchParams`]: fp32 masters (LayerNorm and
 //! bias kernels read them), their fp16 copy (the GEMMs' operands; `adam_step` refreshes it) and fp32
-//! gradients, which the backward accumulates. A pass's activations live in an [`Activations`] arena sized
-//! once for a largest batch, apart from the model. Training runs its two towers as one pass: the user
-//! tower's sequences, then the item tower's, one set of rows in one arena ([`PackedBatch`]), so each GEMM
-//! and kernel launches once for both. Only the valid positions are computed, packed as the CPU reference
-//! packs them. Per layer:
+//! gradients, which the backward writes (each once, so nothing zeroes them between updates). A pass's
+//! activations live in an [`Activations`] arena sized once for a largest batch, apart from the model.
+//! Training runs its two towers as one pass: the user tower's sequences, then the item tower's, one set of
+//! rows in one arena ([`PackedBatch`]), so each GEMM and kernel launches once for both. Only the valid
+//! positions are computed, packed as the CPU reference packs them. Per layer:
 //! ```text
 //! qkv = x · Wqkvᵀ                      cuBLAS, kept without its bias
 //! ctx = masked attention(qkv + bqkv)   reads q, k, v from qkv in place, adds the bias as it loads them
@@ -135,7 +135,7 @@ impl GpuPch {
         gpu.upload(model.params, params.flat())?;
         let halves: Vec<f16> = params.flat().iter().map(|&v| f16::from_f32(v)).collect();
         gpu.upload(model.params16, &halves)?;
-        model.zero_grads(gpu)?;
+        gpu.fill_bytes(model.grads, 0)?;
         Ok(model)
     }
 
@@ -176,11 +176,7 @@ impl GpuPch {
         Ok(out)
     }
 
-    pub fn zero_grads(&self, gpu: &Gpu) -> Result<()> {
-        gpu.fill_bytes(self.grads, 0)
-    }
-
-    /// The accumulated gradients, in the parameters' layout.
+    /// The last backward's gradients (zeros before the first), in the parameters' layout.
     pub fn download_grads(&self, gpu: &Gpu) -> Result<PchParams<f32>> {
         let mut out = PchParams::zeros(&self.config)?;
         out.flat_mut().copy_from_slice(&gpu.download(self.grads)?);

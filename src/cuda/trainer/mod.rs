@@ -444,7 +444,6 @@ impl<'a> GpuTrainer<'a> {
         let scratch = buf.nce_scratch;
         gpu.infonce(&v.nce, users, items, v.log_q, o, s.tau, weights, loss, buf.lse, d_users, d_items, scratch)?;
         mark(2)?;
-        self.model.zero_grads(gpu)?;
         self.model.backward(gpu, &self.acts, d_out)?;
         mark(3)?;
         let (params, params16, grads) = self.model.buffers();
