@@ -61,7 +61,7 @@ pub struct Gpu {
     /// Shared memory one block may opt in to.
     pub max_shared_per_block: usize,
     pub kernels: Kernels,
-    /// Times each launch and GEMM on the compute stream when started (`bench train --profile`).
+    /// Times each launch and GEMM on the compute stream when started (`bench train|embed --profile`).
     pub profiler: Profiler,
     // Field order is drop order: the handle before its workspace, both before the stream and context.
     pub blas: Blas,

@@ -1,6 +1,6 @@
-//! Device time per kernel and per GEMM shape (`bench train --profile`): an event before and after every
-//! launch on the compute stream, summed by name. It tells a performance engineer where an update's time
-//! goes on a machine without Nsight Systems, which the lent GPU machines do not promise.
+//! Device time per kernel and per GEMM shape (`bench train|embed --profile`): an event before and after
+//! every launch on the compute stream, summed by name. It tells a performance engineer where an update's or
+//! a batch's time goes on a machine without Nsight Systems, which the lent GPU machines do not promise.
 //!
 //! An interval runs from the moment the device reaches the start event to the moment it reaches the end
 //! event. Where the host queues work faster than the device runs it (the training step at `pch-base` from
