@@ -121,6 +121,43 @@ fn a_killed_run_resumes_to_the_same_result() {
     }
 }
 
+/// A run gives the same bits on a machine with another core count, so it can resume on one. The batch
+/// (48 users of 9 history items) spans several of the loss's 64-row blocks, where a per-thread split of
+/// the column-gradient sums would round differently.
+#[test]
+fn the_thread_count_does_not_change_the_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = String::new();
+    let mut state = 12345u64;
+    let mut item = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        format!("\"i{}\"", (state >> 33) % 40)
+    };
+    for u in 0..48 {
+        let history: Vec<String> = (0..9).map(|_| item()).collect();
+        let targets: Vec<String> = (0..6).map(|_| item()).collect();
+        lines += &format!(
+            "{{\"user\": \"u{u}\", \"history\": [{}], \"targets\": [{}]}}\n",
+            history.join(","),
+            targets.join(",")
+        );
+    }
+    let sequences = write(dir.path(), "sequences.jsonl", &lines);
+    let runs: Vec<(Vec<Value>, Vec<u8>)> = ["1", "3"]
+        .iter()
+        .map(|threads| {
+            let out = dir.path().join(format!("threads{threads}"));
+            let mut cmd = bin();
+            cmd.arg("train").arg("--content").arg(fixture("store")).arg("--sequences").arg(&sequences);
+            cmd.arg("--out").arg(&out).args(["--preset", "pch-tiny", "--steps", "3", "--batch-users", "48"]);
+            succeed(cmd.args(["--history", "9", "--targets", "6", "--lr", "1e-3", "--threads", threads]));
+            (log_lines(&out), std::fs::read(out.join("checkpoint.safetensors")).unwrap())
+        })
+        .collect();
+    assert_eq!(runs[0].0, runs[1].0, "the logs differ");
+    assert!(runs[0].1 == runs[1].1, "the checkpoints differ");
+}
+
 #[test]
 fn a_finished_run_reruns_as_a_no_op_and_other_settings_are_refused() {
     let dir = tempfile::tempdir().unwrap();

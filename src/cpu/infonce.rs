@@ -18,10 +18,10 @@
 //!
 //! The [queries × columns] score matrix is never held. Pass 1 streams N_q over column blocks (online
 //! log-sum-exp); pass 2 handles the positives, one small product per user; pass 3 recomputes each score
-//! tile and turns it into gradients. Row blocks run in parallel; in pass 3 each thread sums its column
-//! gradients privately and the sums are added in a fixed order, so no atomics are needed and the result
-//! does not change between runs. Memory beyond the inputs and gradients: compact copies of them, one tile
-//! per job and one column-gradient sum per thread.
+//! tile and turns it into gradients, once over row blocks for the query gradients and once over column
+//! blocks for the column gradients. Every gradient row is written by one job, adding in block order, so
+//! no atomics or per-thread sums are needed and the bits do not depend on the number of threads. Memory
+//! beyond the inputs and gradients: compact copies of them and one tile per job.
 
 use super::{Real, gemm};
 use rayon::prelude::*;
@@ -147,28 +147,32 @@ fn infonce_tiled<T: Real>(
         })
         .sum();
 
-    // Pass 3: the negatives, recomputing every score tile. Each rayon job takes a fixed, contiguous run of
-    // row blocks and sums its column gradients privately; the sums are added in job order, so the result
-    // is the same from run to run for a given thread count.
-    let blocks = nq.div_ceil(rb);
-    let per_job = blocks.div_ceil(rayon::current_num_threads().max(1));
-    let sums: Vec<Vec<T>> = dq
-        .par_chunks_mut(per_job * rb * d)
-        .enumerate()
-        .map(|(job, dq_job)| {
-            let mut sum = vec![T::zero(); nc * d];
-            let mut tile = vec![T::zero(); rb * cb];
-            for (k, dq_blk) in dq_job.chunks_mut(rb * d).enumerate() {
-                let first = (job * per_job + k) * rb;
-                let rows = first..first + dq_blk.len() / d;
-                negative_grads(dq_blk, &mut sum, rows, &q, &c, shift, &lse, &g, &lay, cb, &mut tile);
+    // Pass 3: the negatives, recomputing every score tile. Each gradient row has one owner, so no sums
+    // are shared between jobs: row blocks own their query gradients, then column blocks (a tall tile, the
+    // transpose of pass 1's) own their column gradients. Every sum runs in block order, so the bits do
+    // not depend on the thread count; the price is one more score product.
+    dq.par_chunks_mut(rb * d).enumerate().for_each_init(
+        || vec![T::zero(); rb * cb],
+        |tile, (blk, dq_blk)| {
+            let rows = blk * rb..blk * rb + dq_blk.len() / d;
+            for cols in blocks(nc, cb) {
+                if let Some(p) = negative_probs(tile, &rows, &cols, &q, &c, shift, &lse, &g, &lay) {
+                    gemm::a_b(dq_blk, p, &c[cols.start * d..cols.end * d], rows.len(), d, cols.len(), true);
+                }
             }
-            sum
-        })
-        .collect();
-    for sum in &sums {
-        dc.iter_mut().zip(sum).for_each(|(x, &y)| *x = *x + y);
-    }
+        },
+    );
+    dc.par_chunks_mut(rb * d).enumerate().for_each_init(
+        || vec![T::zero(); cb * rb],
+        |tile, (blk, dc_blk)| {
+            let cols = blk * rb..blk * rb + dc_blk.len() / d;
+            for rows in blocks(nq, cb) {
+                if let Some(p) = negative_probs(tile, &rows, &cols, &q, &c, shift, &lse, &g, &lay) {
+                    gemm::at_b(dc_blk, p, &q[rows.start * d..rows.end * d], cols.len(), d, rows.len(), true);
+                }
+            }
+        },
+    );
 
     // ∂s/∂u = v/τ: the 1/τ of the query side is applied here, once.
     for (src, &dst) in dq.chunks_exact(d).zip(&lay.q_src) {
@@ -359,8 +363,7 @@ fn negative_lse<T: Real>(
     let nc = lay.c_user.len();
     let mut sum = vec![T::zero(); rows.len()];
     lse.fill(T::neg_infinity()); // the running maximum until the end
-    for c0 in (0..nc).step_by(cb) {
-        let cols = c0..(c0 + cb).min(nc);
+    for cols in blocks(nc, cb) {
         let w = cols.len();
         let tile = scores(tile, &rows, &cols, q, c, shift, lay);
         for ((row, m), s) in tile.chunks_exact(w).zip(lse.iter_mut()).zip(&mut sum) {
@@ -416,43 +419,39 @@ fn positives<T: Real>(
     loss
 }
 
-/// Pass 3 for one block of queries: recomputes each score tile, turns it into ∂L/∂s of the negatives, and
-/// adds its products into the block's query gradients and the job's column-gradient sum.
+/// Pass 3 for one tile: ∂L/∂s of the negatives of queries `rows` among columns `cols`, in units of
+/// the scaled queries, into the front of `tile`; `None` when no query of the block has a negative.
 #[allow(clippy::too_many_arguments)]
-fn negative_grads<T: Real>(
-    dq_blk: &mut [T],
-    dc_acc: &mut [T],
-    rows: Range<usize>,
+fn negative_probs<'t, T: Real>(
+    tile: &'t mut [T],
+    rows: &Range<usize>,
+    cols: &Range<usize>,
     q: &[T],
     c: &[T],
     shift: Option<&[T]>,
     lse: &[T],
     g: &[T],
     lay: &Layout,
-    cb: usize,
-    tile: &mut [T],
-) {
-    let (d, nc) = (lay.d, lay.c_user.len());
+) -> Option<&'t mut [T]> {
     let (lse, g) = (&lse[rows.clone()], &g[rows.clone()]);
     if g.iter().all(|&x| x == T::zero()) {
-        return;
+        return None;
     }
-    let q_blk = &q[rows.start * d..rows.end * d];
-    for c0 in (0..nc).step_by(cb) {
-        let cols = c0..(c0 + cb).min(nc);
-        let w = cols.len();
-        let tile = scores(tile, &rows, &cols, q, c, shift, lay);
-        for ((row, &m), &gq) in tile.chunks_exact_mut(w).zip(lse).zip(g) {
-            // g_q = 0 also covers N_q = −∞, where exp(s − N_q) would be ∞·0.
-            if gq == T::zero() {
-                row.fill(T::zero());
-            } else {
-                row.iter_mut().for_each(|x| *x = gq * (*x - m).exp());
-            }
+    let tile = scores(tile, rows, cols, q, c, shift, lay);
+    for ((row, &m), &gq) in tile.chunks_exact_mut(cols.len()).zip(lse).zip(g) {
+        // g_q = 0 also covers N_q = −∞, where exp(s − N_q) would be ∞·0.
+        if gq == T::zero() {
+            row.fill(T::zero());
+        } else {
+            row.iter_mut().for_each(|x| *x = gq * (*x - m).exp());
         }
-        gemm::a_b(dq_blk, tile, &c[cols.start * d..cols.end * d], rows.len(), d, w, true);
-        gemm::at_b(&mut dc_acc[cols.start * d..cols.end * d], tile, q_blk, w, d, rows.len(), true);
     }
+    Some(tile)
+}
+
+/// `0..n` in consecutive ranges of `size` (the last one shorter).
+fn blocks(n: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..n).step_by(size).map(move |start| start..(start + size).min(n))
 }
 
 /// log(1 + eˣ) without overflow; exactly 0 at −∞.
@@ -737,14 +736,20 @@ mod tests {
     }
 
     #[test]
-    fn repeated_runs_are_bitwise_equal() {
+    fn bits_do_not_depend_on_the_thread_count() {
+        // Enough rows and columns for several blocks in both directions of pass 3.
         let case = Case::random(12, 24, 6, 5, 8, 40, true);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("thread pool");
-        let (first, du, di) = pool.install(|| case.run(4, 16));
-        for _ in 0..3 {
-            let (again, du2, di2) = pool.install(|| case.run(4, 16));
-            assert_eq!(first.loss.to_bits(), again.loss.to_bits());
-            assert!(du.iter().zip(&du2).chain(di.iter().zip(&di2)).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let in_pool = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+            pool.install(|| case.run(4, 16))
+        };
+        let bits = |(out, du, di): (InfoNceOut<f64>, Vec<f64>, Vec<f64>)| {
+            let grads: Vec<u64> = du.iter().chain(&di).map(|x| x.to_bits()).collect();
+            (out.loss.to_bits(), grads)
+        };
+        let want = bits(in_pool(1));
+        for threads in [1, 2, 3, 5, 8] {
+            assert!(bits(in_pool(threads)) == want, "{threads} threads changed the bits");
         }
     }
 
