@@ -55,8 +55,7 @@ pub fn user_metrics(ranked: &[usize], targets: &[usize], absent: usize, ks: &[us
         .collect()
 }
 
-/// Sums of the metrics over users, for several K; several accumulators (one per thread or block of users)
-/// merge into one.
+/// Sums of the metrics over users, for several K, added in user order.
 #[derive(Clone, Debug)]
 pub struct MetricsAccumulator {
     ks: Vec<usize>,
@@ -95,17 +94,6 @@ impl MetricsAccumulator {
             sum.ndcg += m.ndcg;
         }
         self.users += 1;
-    }
-
-    /// Adds the users of another accumulator with the same K list.
-    pub fn merge(&mut self, other: &MetricsAccumulator) {
-        assert_eq!(self.ks, other.ks, "metrics: merging accumulators with different K lists");
-        for (sum, m) in self.sums.iter_mut().zip(&other.sums) {
-            sum.hit += m.hit;
-            sum.recall += m.recall;
-            sum.ndcg += m.ndcg;
-        }
-        self.users += other.users;
     }
 
     pub fn users(&self) -> usize {
@@ -165,13 +153,11 @@ mod tests {
     }
 
     #[test]
-    fn accumulator_averages_and_merges() {
+    fn accumulator_averages_over_users() {
         let mut a = MetricsAccumulator::new(&[2, 1]).unwrap();
         assert_eq!(a.max_k(), 2);
         a.add(&[4, 2], &[2], 0); // H@2 1, R@2 1, N@2 g(2)/g(1); @1 all 0
-        let mut b = MetricsAccumulator::new(&[2, 1]).unwrap();
-        b.add(&[4, 2], &[4, 9], 0); // @2: H 1, R 1/2, N 1/(1+g(2)); @1: 1, 1/2, 1
-        a.merge(&b);
+        a.add(&[4, 2], &[4, 9], 0); // @2: H 1, R 1/2, N 1/(1+g(2)); @1: 1, 1/2, 1
         assert_eq!(a.users(), 2);
         let g2 = 1.0 / 3f64.log2();
         let want = [
