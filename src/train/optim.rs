@@ -110,30 +110,63 @@ impl Adam {
         self.step += 1;
         let c = self.config;
         let t = self.step as f64;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let w1 = (1.0 - c.beta1) as f32;
-        let beta2 = c.beta2 as f32;
-        let w2 = (1.0 - c.beta2) as f32;
-        let neg_step = (-(lr / (1.0 - c.beta1.powf(t)))) as f32;
-        let bc2_sqrt = ((1.0 - c.beta2.powf(t)).sqrt()) as f32;
-        let eps = c.eps as f32;
-        let small_w1 = w1 < 0.5;
-
+        let k = Coefficients {
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            w1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            w2: (1.0 - c.beta2) as f32,
+            neg_step: (-(lr / (1.0 - c.beta1.powf(t)))) as f32,
+            bc2_sqrt: ((1.0 - c.beta2.powf(t)).sqrt()) as f32,
+            eps: c.eps as f32,
+        };
         for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
             assert!(p.len() == m.len() && g.len() == m.len(), "adam: tensor sizes differ from the state");
             p.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK))
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| {
-                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                        *p *= decay; // exactly 1 without weight decay
-                        *m = if small_w1 { w1.mul_add(g - *m, *m) } else { (w1 - 1.0).mul_add(g - *m, g) };
-                        *v = (w2 * g).mul_add(g, *v * beta2);
-                        *p += neg_step * *m / (v.sqrt() / bc2_sqrt + eps);
-                    }
-                });
+                .for_each(|(((p, g), m), v)| update_chunk(p, g, m, v, &k));
         }
+    }
+}
+
+/// One update's scalars, rounded to f32 as PyTorch rounds a Python float meeting an f32 tensor.
+struct Coefficients {
+    decay: f32,
+    w1: f32,
+    beta2: f32,
+    w2: f32,
+    neg_step: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+/// The update of one run of elements, with AVX2 and FMA where the CPU has them. Either way each `mul_add`
+/// is one correctly rounded fused multiply-add and `sqrt` and `/` are IEEE operations, so the bits are the
+/// same; the hardware instructions only let the loop vectorise where a library `fmaf` call would not.
+fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &Coefficients) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { update_chunk_fma(p, g, m, v, k) };
+    }
+    update_elements(p, g, m, v, k);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn update_chunk_fma(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &Coefficients) {
+    update_elements(p, g, m, v, k);
+}
+
+#[inline(always)]
+fn update_elements(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &Coefficients) {
+    let small_w1 = k.w1 < 0.5;
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *p *= k.decay; // exactly 1 without weight decay
+        *m = if small_w1 { k.w1.mul_add(g - *m, *m) } else { (k.w1 - 1.0).mul_add(g - *m, g) };
+        *v = (k.w2 * g).mul_add(g, *v * k.beta2);
+        *p += k.neg_step * *m / (v.sqrt() / k.bc2_sqrt + k.eps);
     }
 }
 
@@ -211,6 +244,45 @@ mod tests {
                 }
             }
             assert_eq!(adam.step, 5);
+        }
+    }
+
+    type ChunkUpdate = fn(&mut [f32], &[f32], &mut [f32], &mut [f32], &Coefficients);
+
+    #[test]
+    fn the_vectorised_update_gives_the_portable_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let n = 4099; // vector lanes and a remainder
+        let mut random = |scale: f32| (0..n).map(|_| rng.random_range(-scale..scale)).collect::<Vec<f32>>();
+        let (p0, g, m0) = (random(1.0), random(3.0), random(0.1));
+        let v0: Vec<f32> = random(0.1).iter().map(|x| x * x).collect();
+        // w1 below and above 0.5 take the two forms of lerp; weight decay makes the first product matter.
+        for (beta1, wd) in [(0.9, 0.0), (0.3, 0.01)] {
+            let k = Coefficients {
+                decay: (1.0 - 1e-3 * wd) as f32,
+                w1: (1.0 - beta1) as f32,
+                beta2: 0.999,
+                w2: 0.001,
+                neg_step: -0.0123,
+                bc2_sqrt: 0.0447,
+                eps: 1e-8,
+            };
+            let run = |f: ChunkUpdate| {
+                let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+                f(&mut p, &g, &mut m, &mut v, &k);
+                [p, m, v].map(|x| x.iter().map(|y| y.to_bits()).collect::<Vec<u32>>())
+            };
+            assert!(run(update_chunk) == run(update_elements), "beta1 {beta1}");
+            // The products are fused: an unfused update differs somewhere.
+            let unfused = run(|p, g, m, v, k| {
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *p *= k.decay;
+                    *m = if k.w1 < 0.5 { k.w1 * (g - *m) + *m } else { (k.w1 - 1.0) * (g - *m) + g };
+                    *v = k.w2 * g * g + *v * k.beta2;
+                    *p += k.neg_step * *m / (v.sqrt() / k.bc2_sqrt + k.eps);
+                }
+            });
+            assert!(unfused != run(update_elements), "beta1 {beta1}");
         }
     }
 
