@@ -280,6 +280,28 @@ fn l2norm_with_bias_matches_the_cpu_forward_and_backward() {
     }
 }
 
+/// A backward over no rows (a tower with no sequences) still writes every gradient it owns: the sums over
+/// no rows, zeros, in buffers poisoned with NaN.
+#[test]
+fn backwards_over_no_rows_write_zero_gradients() {
+    let Some(gpu) = gpu() else { return };
+    let (dim, cols) = (136, 64);
+    let (_a, act) = poisoned::<f16>(&gpu, 8);
+    let (_f, rows32) = poisoned::<f32>(&gpu, 8);
+    let (_w, w) = poisoned::<f32>(&gpu, cols.max(dim));
+    let (_s, scratch) = poisoned::<f32>(&gpu, 8);
+    let sums: Vec<(DeviceBuffer, Dev<f32>)> = (0..5).map(|_| poisoned::<f32>(&gpu, dim)).collect();
+    let sum = |k: usize| sums[k].1;
+    gpu.layernorm_bwd(act, sum(0), sum(1), Some(sum(2)), act, None, act, rows32, w, scratch, 0, dim).unwrap();
+    gpu.gelu_bias_bwd(act, sum(3).slice(0, cols), act, act, w.slice(0, cols), scratch, 0, cols).unwrap();
+    gpu.l2norm_bwd(act, Some(sum(4).slice(0, 64)), rows32, rows32, rows32, scratch, 0, 64, 1e-12).unwrap();
+    let widths = [dim, dim, dim, cols, 64];
+    for (k, ((buf, view), width)) in sums.iter().zip(widths).enumerate() {
+        let got = read(&gpu, buf, *view, "gradient sum");
+        assert!(got[..width].iter().all(|&x| x == 0.0), "sum {k}: {:?}", &got[..width]);
+    }
+}
+
 /// One GPU Adam step against the CPU's (clip_grad_norm then Adam::update) from the same random state.
 fn adam_case(gpu: &Gpu, rng: &mut impl RngExt, config: AdamConfig, max_norm: Option<f64>, lr: f64) {
     // Three "tensors" laid end to end in the flat buffer, as the engine lays out all parameters.

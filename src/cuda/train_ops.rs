@@ -152,18 +152,10 @@ impl Gpu {
         2 * one
     }
 
-    /// `out[j] = Σ_b partials[b, j]` over `blocks` partial rows of `n`, in block order.
+    /// `out[j] = Σ_b partials[b, j]` over `blocks` partial rows of `n`, in block order; zeros when
+    /// `blocks` is 0 (a backward over no rows still writes its gradients).
     pub(super) fn column_sums(&self, out: Dev<f32>, partials: Dev<f32>, blocks: usize, n: usize) -> Result<()> {
         self.column_sums_of(&[out], partials, blocks, n)
-    }
-
-    /// Zeros in each of `outs`' first `n` values: the sums over no rows.
-    fn zero_sums(&self, outs: &[Dev<f32>], n: usize) -> Result<()> {
-        for out in outs {
-            covers(out, n, "gradient sum")?;
-            self.fill_bytes(out.slice(0, n), 0)?;
-        }
-        Ok(())
     }
 
     /// [`Self::column_sums`] for up to three partial arrays of `blocks · n` laid one after the other in
@@ -271,7 +263,7 @@ impl Gpu {
         covers(&w, dim, "layernorm weight")?;
         let sums: Vec<Dev<f32>> = [Some(dw), Some(db), d_delta_bias].into_iter().flatten().collect();
         if rows == 0 {
-            return self.zero_sums(&sums, dim);
+            return self.column_sums_of(&sums, scratch, 0, dim);
         }
         let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         covers(&scratch, self.partials_len(split, dim, 3), "layernorm scratch")?;
@@ -339,7 +331,7 @@ impl Gpu {
         }
         covers(&bias, cols, "gelu bias")?;
         if rows == 0 {
-            return self.zero_sums(&[dbias], cols);
+            return self.column_sums(dbias, scratch, 0, cols);
         }
         let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         covers(&scratch, self.partials_len(split, cols, 1), "gelu scratch")?;
@@ -424,7 +416,7 @@ impl Gpu {
         covers(&y, rows * dim, "l2norm output")?;
         covers(&norms, rows, "l2norm norms")?;
         if rows == 0 {
-            return self.zero_sums(dbias.as_slice(), dim);
+            return dbias.map_or(Ok(()), |dbias| self.column_sums(dbias, scratch, 0, dim));
         }
         let (blocks, [rows_arg, split_arg, per_a, per_b]) = self.blocks(split).launch(split)?;
         if dbias.is_some() {
