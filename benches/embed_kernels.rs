@@ -7,12 +7,12 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
 use learn_kern::cpu;
-use learn_kern::cuda::Gpu;
+use learn_kern::cuda::bench::{criterion_gpu, time_launches};
 use learn_kern::cuda::memory::Dev;
 use learn_kern::cuda::ops::attention_tiles;
 use learn_kern::llm::LlmConfig;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Packed sequences of lengths cycling through 16..=128 (the bench embed default mix) up to `tokens`.
 fn offsets(tokens: usize) -> Vec<usize> {
@@ -75,23 +75,8 @@ fn cpu_reference(c: &mut Criterion) {
     group.finish();
 }
 
-/// Times `iters` launches with one synchronisation at the end.
-fn device_time(gpu: &Gpu, iters: u64, launch: &mut dyn FnMut()) -> Duration {
-    gpu.sync().unwrap();
-    let start = Instant::now();
-    for _ in 0..iters {
-        launch();
-    }
-    gpu.sync().unwrap();
-    start.elapsed()
-}
-
 fn gpu_kernels(c: &mut Criterion) {
-    if let Err(why) = learn_kern::cuda::probe() {
-        eprintln!("skipping the GPU kernels: {why}");
-        return;
-    }
-    let gpu = Gpu::open(0).unwrap();
+    let Some(gpu) = criterion_gpu() else { return };
     let config = LlmConfig::preset("baichuan2-7b").unwrap();
     let (d, f, heads, dh) =
         (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim());
@@ -136,26 +121,26 @@ fn gpu_kernels(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("cuda {}", gpu.name));
     group.sample_size(20);
     let td = (t * d) as u64;
-    let mut bench = |name: &str, throughput: Throughput, launch: &mut dyn FnMut()| {
+    let mut bench = |name: &str, throughput: Throughput, launch: &mut dyn FnMut() -> anyhow::Result<()>| {
         group.throughput(throughput);
-        group.bench_function(name, |b| b.iter_custom(|iters| device_time(&gpu, iters, launch)));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| Duration::from_secs_f64(time_launches(&gpu, iters as usize, &mut *launch).unwrap()))
+        });
     };
     bench("rmsnorm_residual", Throughput::Bytes(td * 12), &mut || {
-        gpu.rmsnorm_residual(x, Some(delta), w, h, t, d, 1e-6).unwrap()
+        gpu.rmsnorm_residual(x, Some(delta), w, h, t, d, 1e-6)
     });
-    bench("rope_apply", Throughput::Bytes(td * 8), &mut || {
-        gpu.rope_apply(qkv, rope, pos, t, 2 * heads, dh, 3 * d).unwrap()
-    });
+    bench("rope_apply", Throughput::Bytes(td * 8), &mut || gpu.rope_apply(qkv, rope, pos, t, 2 * heads, dh, 3 * d));
     let pairs: usize = offsets.windows(2).map(|w| (w[1] - w[0]) * (w[1] - w[0] + 1) / 2).sum();
     bench("attention (flop)", Throughput::Elements((4 * d * pairs) as u64), &mut || {
-        gpu.attention(qkv, attn, cu_dev, tiles_dev, tiles.len(), s, heads, dh, t).unwrap()
+        gpu.attention(qkv, attn, cu_dev, tiles_dev, tiles.len(), s, heads, dh, t)
     });
-    bench("swiglu", Throughput::Bytes((t * f * 6) as u64), &mut || gpu.swiglu(act, gu, t, f).unwrap());
+    bench("swiglu", Throughput::Bytes((t * f * 6) as u64), &mut || gpu.swiglu(act, gu, t, f));
     bench("final_norm_pool", Throughput::Bytes(td * 6), &mut || {
-        gpu.final_norm_pool(pooled, x, Some(delta), w, cu_dev, s, t, d, 1e-6).unwrap()
+        gpu.final_norm_pool(pooled, x, Some(delta), w, cu_dev, s, t, d, 1e-6)
     });
     bench("gemm gate_up (flop)", Throughput::Elements((2 * t * 2 * f * d) as u64), &mut || {
-        gpu.gemm(gu, h, gate_up_w, t, 2 * f, d).unwrap()
+        gpu.gemm(gu, h, gate_up_w, t, 2 * f, d)
     });
     group.finish();
 }

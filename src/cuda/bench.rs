@@ -18,7 +18,6 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use std::time::Instant;
 
-/// Item lengths uniform in `min..=max`, from `seed`.
 /// Benchmarks time a GPU: on the CPU emulator (tools/cuda_emu) the figures would mean nothing, and the
 /// 8192³ GEMM ceiling alone would take minutes.
 pub fn refuse_emulated(gpu: &Gpu) -> Result<()> {
@@ -31,16 +30,44 @@ pub fn refuse_emulated(gpu: &Gpu) -> Result<()> {
     Ok(())
 }
 
+/// The GPU the criterion benches (benches/) time kernels on: cuda:0, or None, with the reason printed, when
+/// there is no usable GPU or it is the emulator.
+pub fn criterion_gpu() -> Option<Gpu> {
+    let why = match crate::cuda::probe().and_then(|_| Gpu::open(0).map_err(|e| format!("{e:#}"))) {
+        Ok(gpu) if !gpu.is_emulated() => return Some(gpu),
+        Ok(gpu) => format!("{} runs kernels but times nothing meaningful", gpu.name),
+        Err(why) => why,
+    };
+    eprintln!("skipping the GPU kernels: {why}");
+    None
+}
+
+/// Item lengths uniform in `min..=max`, from `seed`.
 pub fn random_lengths(count: usize, min: usize, max: usize, seed: u64) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..count).map(|_| rng.random_range(min..=max)).collect()
 }
 
-/// Times `work` on the compute stream with events: `warmup` untimed runs, then the mean of `runs`, in seconds.
-fn time_on_stream(gpu: &Gpu, warmup: usize, runs: usize, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Rounds [`time_on_stream`] takes the median of.
+const ROUNDS: usize = 5;
+
+/// Times `work` on the compute stream with events: `warmup` untimed runs, then [`ROUNDS`] rounds of `runs`,
+/// each between its own pair of events; the median round's time per run, in seconds.
+pub fn time_on_stream(gpu: &Gpu, warmup: usize, runs: usize, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         work()?;
     }
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        rounds.push(time_launches(gpu, runs, &mut work)? / runs.max(1) as f64);
+    }
+    rounds.sort_by(f64::total_cmp);
+    Ok(rounds[ROUNDS / 2])
+}
+
+/// The device time of `runs` runs of `work` launched back to back between two events, in seconds (what a
+/// criterion bench's `iter_custom` reports).
+pub fn time_launches(gpu: &Gpu, runs: usize, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
     let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
     let (start, end): (CudaEvent, CudaEvent) = (gpu.ctx.new_event(timed)?, gpu.ctx.new_event(timed)?);
     start.record(&gpu.stream)?;
@@ -49,7 +76,7 @@ fn time_on_stream(gpu: &Gpu, warmup: usize, runs: usize, mut work: impl FnMut() 
     }
     end.record(&gpu.stream)?;
     gpu.sync()?;
-    Ok(start.elapsed_ms(&end)? as f64 / 1e3 / runs as f64)
+    Ok(start.elapsed_ms(&end)? as f64 / 1e3)
 }
 
 /// cuBLAS's fp16 GEMM rate (TFLOP/s) for `y[m, n] = x[m, k] · w[n, k]ᵀ`, on random operands (zeros run
@@ -92,6 +119,48 @@ pub fn copy_gbps(gpu: &Gpu, bytes: usize) -> Result<f64> {
         Ok(())
     })?;
     Ok(2.0 * bytes as f64 / seconds / 1e9)
+}
+
+/// The least work a kernel must do: the bytes it moves through device memory (each input read once, each
+/// output written once) and the floating-point operations of its products (0 for elementwise work).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelWork {
+    pub bytes: f64,
+    pub flops: f64,
+}
+
+impl KernelWork {
+    pub fn bytes(bytes: f64) -> Self {
+        KernelWork { bytes, flops: 0.0 }
+    }
+
+    /// A GEMM `[m, k] · [n, k]ᵀ → [m, n]` in fp16.
+    pub fn gemm(m: usize, n: usize, k: usize) -> Self {
+        KernelWork { bytes: 2.0 * (m * k + n * k + m * n) as f64, flops: 2.0 * (m * n * k) as f64 }
+    }
+}
+
+/// A `bench kernels` row: the kernel's time against its floor, the larger of its bytes over the copy
+/// bandwidth `copy` (GB/s) and its operations over the GEMM rate `gemm_peak` (TFLOP/s); `bound` names the
+/// larger. Its GB/s (and TFLOP/s where it has products) are given as fractions of those ceilings.
+pub(super) fn kernel_row(name: &str, seconds: f64, work: KernelWork, copy: f64, gemm_peak: f64) -> Value {
+    let (memory, compute) = (work.bytes / (copy * 1e9), work.flops / (gemm_peak * 1e12));
+    let gbps = work.bytes / seconds / 1e9;
+    let mut row = json!({
+        "kernel": name,
+        "us": seconds * 1e6,
+        "floor_us": memory.max(compute) * 1e6,
+        "fraction_of_floor": memory.max(compute) / seconds,
+        "bound": if compute > memory { "compute" } else { "memory" },
+        "gbps": gbps,
+        "fraction_of_copy": gbps / copy,
+    });
+    if work.flops > 0.0 {
+        let tflops = work.flops / seconds / 1e12;
+        row["tflops"] = json!(tflops);
+        row["fraction_of_gemm_peak"] = json!(tflops / gemm_peak);
+    }
+    row
 }
 
 fn driver_version() -> i32 {
@@ -308,54 +377,42 @@ pub fn bench_kernels(
     let eps = c.rms_norm_eps as f32;
     let pairs: f64 = offsets.windows(2).map(|w| ((w[1] - w[0]) * (w[1] - w[0] + 1) / 2) as f64).sum();
     let (td, tf) = ((t * d) as f64, (t * f) as f64);
-    // Each kernel: name, least bytes it must move (each input read once, each output written once), or its
-    // floating-point operations for attention, and the launch.
+    // Each kernel: name, its least work (KernelWork: the attention has products too) and the launch.
+    let bytes = KernelWork::bytes;
     type Launch<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
-    let kernels: Vec<(&str, f64, bool, Launch)> = vec![
+    let kernels: Vec<(&str, KernelWork, Launch)> = vec![
         (
             "embedding_gather",
-            td * 2.0 + td * 4.0 + t as f64 * 4.0,
-            false,
+            bytes(td * 2.0 + td * 4.0 + t as f64 * 4.0),
             Box::new(|| gpu.embedding_gather(x, table, ids_dev, t, d)),
         ),
         (
             "rmsnorm_residual",
-            td * (4.0 + 2.0 + 4.0 + 2.0),
-            false,
+            bytes(td * (4.0 + 2.0 + 4.0 + 2.0)),
             Box::new(|| gpu.rmsnorm_residual(x, Some(delta), norm, h, t, d, eps)),
         ),
         (
             "rope_apply",
-            td * 2.0 * 2.0 * 2.0,
-            false,
+            bytes(td * 2.0 * 2.0 * 2.0),
             Box::new(|| gpu.rope_apply(qkv, rope, pos_dev, t, 2 * heads, dh, 3 * d)),
         ),
         (
             "attention",
-            4.0 * d as f64 * pairs,
-            true,
+            KernelWork { bytes: td * (3.0 + 1.0) * 2.0, flops: 4.0 * d as f64 * pairs },
             Box::new(|| gpu.attention(qkv, attn, cu_dev, tiles_dev, tiles.len(), s, heads, dh, t)),
         ),
-        ("swiglu", tf * (4.0 + 2.0), false, Box::new(|| gpu.swiglu(act, gate_up, t, f))),
+        ("swiglu", bytes(tf * (4.0 + 2.0)), Box::new(|| gpu.swiglu(act, gate_up, t, f))),
         (
             "final_norm_pool",
-            td * (4.0 + 2.0) + (s * d * 4) as f64,
-            false,
+            bytes(td * (4.0 + 2.0) + (s * d * 4) as f64),
             Box::new(|| gpu.final_norm_pool(pooled, x, Some(delta), norm, cu_dev, s, t, d, eps)),
         ),
-        ("convert_bf16_f16", td * 4.0, false, Box::new(|| gpu.convert_bf16_f16(h, bf16_src, flag))),
+        ("convert_bf16_f16", bytes(td * 4.0), Box::new(|| gpu.convert_bf16_f16(h, bf16_src, flag))),
     ];
     let mut rows = Vec::new();
-    for (name, amount, is_flops, mut launch) in kernels {
+    for (name, work, mut launch) in kernels {
         let seconds = time_on_stream(&gpu, 3, 20, &mut launch)?;
-        let row = if is_flops {
-            let tflops = amount / seconds / 1e12;
-            json!({"kernel": name, "us": seconds * 1e6, "tflops": tflops, "fraction_of_gemm_peak": tflops / gemm_peak})
-        } else {
-            let gbps = amount / seconds / 1e9;
-            json!({"kernel": name, "us": seconds * 1e6, "gbps": gbps, "fraction_of_copy": gbps / copy})
-        };
-        rows.push(row);
+        rows.push(kernel_row(name, seconds, work, copy, gemm_peak));
     }
     drop(buffer);
     // The layer's GEMMs through cuBLAS at this batch's rows, for comparison with the peak.
@@ -363,8 +420,8 @@ pub fn bench_kernels(
         [("gemm_w_pack", 3 * d, d), ("gemm_o_proj", d, d), ("gemm_gate_up", 2 * f, d), ("gemm_down", d, f)]
     {
         let tflops = gemm_tflops(&gpu, t, n, k)?;
-        let us = 2.0 * (t * n * k) as f64 / (tflops * 1e12) * 1e6;
-        rows.push(json!({"kernel": name, "us": us, "tflops": tflops, "fraction_of_gemm_peak": tflops / gemm_peak}));
+        let work = KernelWork::gemm(t, n, k);
+        rows.push(kernel_row(name, work.flops / (tflops * 1e12), work, copy, gemm_peak));
     }
     Ok(json!({
         "bench": "kernels",
@@ -376,4 +433,24 @@ pub fn bench_kernels(
         "gemm_peak_tflops": gemm_peak,
         "kernels": rows,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_row_holds_the_time_to_the_larger_of_its_two_floors() {
+        // 3 GB over 3,000 GB/s: a 1 ms floor; 2 TFLOP over 1,000 TFLOP/s: 2 ms.
+        let row = kernel_row("k", 4e-3, KernelWork { bytes: 3e9, flops: 2e12 }, 3000.0, 1000.0);
+        assert_eq!((row["bound"].as_str(), row["floor_us"].as_f64()), (Some("compute"), Some(2000.0)));
+        assert_eq!(row["fraction_of_floor"].as_f64(), Some(0.5));
+        assert_eq!((row["gbps"].as_f64(), row["tflops"].as_f64()), (Some(750.0), Some(500.0)));
+        assert_eq!((row["fraction_of_copy"].as_f64(), row["fraction_of_gemm_peak"].as_f64()), (Some(0.25), Some(0.5)));
+        let row = kernel_row("k", 2e-3, KernelWork::bytes(3e9), 3000.0, 1000.0);
+        assert_eq!((row["bound"].as_str(), row["fraction_of_floor"].as_f64()), (Some("memory"), Some(0.5)));
+        assert!(row.get("tflops").is_none());
+        let gemm = KernelWork::gemm(2, 3, 4);
+        assert_eq!((gemm.bytes, gemm.flops), (2.0 * (8 + 12 + 6) as f64, 48.0));
+    }
 }
