@@ -1,14 +1,18 @@
-//! Criterion benchmarks of the CPU training step's hot paths outside the GEMMs (SPEC §7), at pch-base's
-//! shapes for a batch of 30 users, H = 80, T = 40: the user tower's 2,400 rows through one layer's
-//! LayerNorm, GELU and attention, the dense loss at B 30 and 256, and the optimiser over all 88 M
-//! parameters. `examples/gemm_probe.rs` covers the products.
+//! Criterion benchmarks of the training step's hot paths (SPEC §7). On the CPU, those outside the GEMMs at
+//! pch-base's shapes for a batch of 30 users, H = 80, T = 40: the user tower's 2,400 rows through one
+//! layer's LayerNorm, GELU and attention, the dense loss at B 30 and 256, and the optimiser over all 88 M
+//! parameters (`examples/gemm_probe.rs` covers the products). When a GPU is present, every CUDA training
+//! kernel at pch-base's shapes for a batch of 256 users, as `bench kernels --preset pch-base` runs them,
+//! timed on the device with events.
 //!
-//! `cargo bench --bench train_cpu`; `RAYON_NUM_THREADS` sets the threads.
+//! `cargo bench --bench train_kernels`; `RAYON_NUM_THREADS` sets the CPU threads.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
 use learn_kern::cpu::masked_attention::{self, Heads, MaskKind, Varlen};
 use learn_kern::cpu::{gelu, layernorm};
+use learn_kern::cuda::bench::{criterion_gpu, time_launches};
+use learn_kern::cuda::bench_train_kernels::{TrainKernelShape, train_kernels};
 use learn_kern::pch::{PchConfig, names_and_shapes};
 use learn_kern::train::optim::{Adam, AdamConfig, grad_norm};
 use std::hint::black_box;
@@ -130,5 +134,29 @@ fn optimiser(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, layer_ops, loss, optimiser);
+fn gpu_kernels(c: &mut Criterion) {
+    let Some(gpu) = criterion_gpu() else { return };
+    let shape = TrainKernelShape { batch_users: 256, history: HISTORY, targets: TARGETS, gallery: 100_000 };
+    let mut kernels = train_kernels(&gpu, &PchConfig::base(), shape).unwrap();
+    let mut group = c.benchmark_group(format!("cuda-train {}", gpu.name));
+    group.sample_size(20);
+    for case in &mut kernels.cases {
+        // Elementwise kernels by their bytes, those with products by their operations.
+        let name = if case.work.flops > 0.0 {
+            group.throughput(Throughput::Elements(case.work.flops as u64));
+            format!("{} (flop)", case.name)
+        } else {
+            group.throughput(Throughput::Bytes(case.work.bytes as u64));
+            case.name.to_owned()
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                Duration::from_secs_f64(time_launches(&gpu, iters as usize, &mut case.launch).unwrap())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, layer_ops, loss, optimiser, gpu_kernels);
 criterion_main!(benches);

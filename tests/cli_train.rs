@@ -434,3 +434,25 @@ fn bench_train_refuses_what_the_gpu_engine_cannot_run_in_one_sentence() {
     expect_bad_input(bench().args(["--item-tower", "both"]), "--item-tower \"both\": expected causal or self");
     expect_bad_input(&mut bench(), "bench measures the CUDA engine; --device cpu has nothing to measure");
 }
+
+#[test]
+fn bench_kernels_checks_a_training_preset_s_shapes_in_one_sentence() {
+    let bench = || {
+        let mut cmd = bin();
+        cmd.args(["bench", "kernels"]);
+        cmd
+    };
+    expect_bad_input(bench().args(["--preset", "pch-tiny"]), "the GPU PCH tower needs heads of 64");
+    expect_bad_input(bench().args(["--preset", "pch-huge"]), "unknown PCH preset \"pch-huge\"");
+    for flag in ["--batch-users", "--history", "--targets", "--gallery"] {
+        expect_bad_input(bench().args(["--preset", "pch-base", flag, "0"]), &format!("{flag} must be at least 1"));
+    }
+    expect_bad_input(
+        bench().args(["--preset", "pch-base", "--targets", "300"]),
+        "the GPU InfoNCE kernel takes at most 256 targets per user, --targets is 300",
+    );
+    expect_bad_input(
+        bench().args(["--preset", "pch-base"]),
+        "bench measures the CUDA engine; --device cpu has nothing to measure",
+    );
+}

@@ -268,7 +268,11 @@ fn benchmarks_refuse_the_emulator_in_one_sentence() {
     if !gpu.is_emulated() {
         return; // on a GPU the benchmarks run (tools/gpu-check.sh)
     }
-    for args in [&["bench", "embed", "--preset", "tiny"][..], &["bench", "train", "--preset", "pch-small"]] {
+    for args in [
+        &["bench", "embed", "--preset", "tiny"][..],
+        &["bench", "train", "--preset", "pch-small"],
+        &["bench", "kernels", "--preset", "pch-small"],
+    ] {
         let out = std::process::Command::new(binary()).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");

@@ -14,10 +14,12 @@ use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
 use learn_kern::cpu::masked_attention::{Heads, MaskKind, Varlen};
 use learn_kern::cuda::Gpu;
 use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM, Qkv, RowTensor};
+use learn_kern::cuda::bench_train_kernels::{TrainKernelShape, time_kernels, train_kernels};
 use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows, infonce_weights};
 use learn_kern::cuda::memory::{Dev, DeviceBuffer};
 use learn_kern::cuda::ops::{attention_tiles, packed_offsets};
 use learn_kern::cuda::train_ops::{AdamStats, AdamStep, RowSplit};
+use learn_kern::pch::PchConfig;
 use learn_kern::train::optim::{Adam, AdamConfig, clip_grad_norm};
 use rand::RngExt;
 
@@ -945,4 +947,41 @@ fn masked_attention_rejects_bad_shapes() {
     assert!(bwd(proj, lse.slice(0, 1), out).is_err(), "a short delta");
     assert!(bwd(rows_of(rows * 3 * d - 1, 3 * d), lse, out).is_err(), "a short dq, dk, dv");
     assert!(bwd(proj, lse, rows_of(rows * d - 1, d)).is_err(), "a short dout");
+}
+
+/// `bench kernels --preset pch-*` launches every training kernel at a step's shapes on random inputs. On
+/// the emulator the times mean nothing, but each launch must pass its launcher's checks and run to the end,
+/// so that the GPU run's bench has no surprise left but the figures.
+#[test]
+fn bench_kernels_launches_every_training_kernel() {
+    let Some(gpu) = gpu() else { return };
+    let config = PchConfig::preset("pch-small").unwrap();
+    let shape = TrainKernelShape { batch_users: 3, history: 70, targets: 5, gallery: 300 };
+    let mut kernels = train_kernels(&gpu, &config, shape).unwrap();
+    assert_eq!((kernels.rows, kernels.sequences), (3 * 75, 6));
+    let rows = time_kernels(&gpu, &mut kernels, (1, 1), (1.0, 1.0)).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
+    let want = [
+        "layernorm_fwd",
+        "layernorm_bwd",
+        "gelu_bias_fwd",
+        "gelu_bias_bwd",
+        "masked_attention_fwd",
+        "masked_attention_bwd",
+        "l2norm_fwd",
+        "l2norm_bwd",
+        "infonce",
+        "adam_step",
+        "topk",
+    ];
+    assert_eq!(names, want);
+    let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
+    for row in &rows {
+        for key in ["us", "gbps", "floor_us", "fraction_of_floor"] {
+            assert!(positive(&row[key]), "{key}: {row}");
+        }
+        let products = ["masked_attention_fwd", "masked_attention_bwd", "infonce", "topk"]
+            .contains(&row["kernel"].as_str().unwrap());
+        assert_eq!(row.get("tflops").is_some_and(positive), products, "{row}");
+    }
 }

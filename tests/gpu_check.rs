@@ -176,8 +176,15 @@ fn a_budget_stops_a_step_and_a_second_call_finishes_the_rest() {
     let summary = lease.out("summary.txt");
     let second_call = summary.rsplit("=== gpu-check.sh device").next().expect("the second call's part");
     assert!(second_call.contains("[tests] passed in") && second_call.contains("(an earlier call"), "{second_call}");
-    for step in ["train-256", "train-30-compile", "train-256-compile", "train-1024", "train-30-eager", "kernels-small"]
-    {
+    for step in [
+        "train-256",
+        "train-30-compile",
+        "train-256-compile",
+        "train-1024",
+        "train-30-eager",
+        "kernels-small",
+        "kernels-train",
+    ] {
         assert!(second_call.contains(&format!("[{step}] passed")), "{step} did not pass\n{second_call}");
     }
     assert!(second_call.contains("InfoNCE 2.50 ms = 5.0% of the update"), "{second_call}");

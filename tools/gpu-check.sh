@@ -20,9 +20,11 @@
 #                     and a profile
 #     train-30-eager  learn-kern alone at B 30 without CUDA graphs: what the graphs gain, and a profile
 #     embed-small     bench embed, small, against the same peers
-#     kernels-7b, kernels-small   bench kernels: each kernel against the measured copy and GEMM rates
+#     kernels-7b, kernels-small   bench kernels: each embedding kernel against the measured copy and GEMM
+#                     rates
+#     kernels-train   bench kernels --preset pch-base: each training kernel the same way, at B 256
 # Groups: tests = probe tests; embed = probe embed-7b embed-small kernels-7b kernels-small;
-# train = probe and every train-* step.
+# train = probe, every train-* step and kernels-train.
 #
 # Each step runs under what is left of --budget (default 560 s, inside the tool's 600 s per call): a step
 # is not started with less than its minimum left (MIN_SECONDS below, guesses until steps.tsv says better),
@@ -42,12 +44,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS=(probe tests embed-7b train-30 train-256 train-30-compile train-256-compile train-1024 train-30-eager
-    embed-small kernels-7b kernels-small)
+    embed-small kernels-7b kernels-small kernels-train)
 # Seconds a step needs to be worth starting.
 declare -A MIN_SECONDS=(
     [probe]=20 [tests]=60 [embed-7b]=90 [train-30]=40 [train-256]=50 [train-30-compile]=120
     [train-256-compile]=120 [train-1024]=40 [train-30-eager]=30 [embed-small]=60 [kernels-7b]=40
-    [kernels-small]=30
+    [kernels-small]=30 [kernels-train]=40
 )
 # The GPU test binaries (tests/cuda_*.rs).
 GPU_TESTS="cuda_kernels cuda_train_kernels cuda_pch cuda_model cuda_train_step cuda_topk cuda_eval"
@@ -155,6 +157,7 @@ step_train_30_eager() { train_eager 30 --profile 5; }
 kernels() { "$BIN"/learn-kern bench kernels --device cuda --preset "$1" --json "$REPORTS/kernels-$1.json"; }
 step_kernels_7b() { kernels baichuan2-7b; }
 step_kernels_small() { kernels small; }
+step_kernels_train() { kernels pch-base; }
 
 # The ten longest launches of a learn-kern report's profile (bench --profile), when it has one.
 profile_lines() {
@@ -231,7 +234,7 @@ print(line)
 PY
             profile_lines "$REPORTS/learn-kern-train-b${b%-eager}-eager.json"
             ;;
-        kernels-*) tail -n 15 "$log" ;;
+        kernels-*) tail -n 20 "$log" ;;
     esac
 }
 
@@ -243,7 +246,10 @@ select_steps() {
             all) want+="${STEPS[*]} " ;;
             tests) want+="probe tests " ;;
             embed | bench) want+="probe embed-7b embed-small kernels-7b kernels-small " ;;
-            train) want+="probe train-30 train-256 train-30-compile train-256-compile train-1024 train-30-eager " ;;
+            train)
+                want+="probe train-30 train-256 train-30-compile train-256-compile train-1024 train-30-eager "
+                want+="kernels-train "
+                ;;
             *)
                 [[ " ${STEPS[*]} " == *" $word "* ]] || { echo "gpu-check.sh: no step or group named $word" >&2; return 2; }
                 want+="$word "

@@ -1,9 +1,10 @@
 //! `learn-kern bench embed|train|kernels` (SPEC §7): throughput of the CUDA embedding and training engines
-//! and of the embedding kernels, against ceilings measured in the same run.
+//! and of their kernels, against ceilings measured in the same run.
 
 use crate::cli::Common;
 use crate::cuda::bench::{EmbedBenchSpec, bench_embed, bench_kernels, random_lengths};
 use crate::cuda::bench_train::{TrainBenchSpec, bench_train};
+use crate::cuda::bench_train_kernels::{TrainKernelShape, bench_train_kernels};
 use crate::device::DeviceRequest;
 use crate::error::input;
 use crate::llm::LlmConfig;
@@ -26,7 +27,8 @@ pub enum BenchWhat {
     Embed(EmbedBench),
     /// PCH training throughput: steps/s, users/s, tokens/s, MFU against cuBLAS's fp16 GEMM rate, memory.
     Train(TrainBench),
-    /// Each embedding kernel's GB/s or TFLOP/s against the measured copy bandwidth and GEMM rate.
+    /// Each kernel's GB/s or TFLOP/s against the measured copy bandwidth and GEMM rate: the embedding
+    /// kernels for an LLM preset, the training kernels for a PCH one (pch-base, pch-small).
     Kernels(KernelBench),
 }
 
@@ -147,8 +149,51 @@ pub struct EmbedBench {
 
 #[derive(Args, Debug)]
 pub struct KernelBench {
+    /// With --preset pch-base or pch-small: the training kernels at one training step's shapes (the item
+    /// options above do not apply).
     #[command(flatten)]
     pub items: Items,
+    /// PCH presets: users per batch (every user has --history and --targets items).
+    #[arg(long, default_value_t = 256)]
+    pub batch_users: usize,
+    /// PCH presets: history items per user.
+    #[arg(long, default_value_t = 80)]
+    pub history: usize,
+    /// PCH presets: target items per user.
+    #[arg(long, default_value_t = 40)]
+    pub targets: usize,
+    /// PCH presets: catalogue rows the top-K ranks the batch's users against.
+    #[arg(long, default_value_t = 100_000)]
+    pub gallery: usize,
+}
+
+impl KernelBench {
+    /// The PCH model and batch of `--preset pch-*`, checked as `bench train` checks them; None for an LLM
+    /// preset.
+    fn training(&self) -> Result<Option<(PchConfig, TrainKernelShape)>> {
+        if !self.items.preset.starts_with("pch-") {
+            return Ok(None);
+        }
+        let config = PchConfig::preset(&self.items.preset)?;
+        for (flag, value) in [
+            ("--batch-users", self.batch_users),
+            ("--history", self.history),
+            ("--targets", self.targets),
+            ("--gallery", self.gallery),
+        ] {
+            if value == 0 {
+                return Err(input(format!("{flag} must be at least 1")));
+            }
+        }
+        crate::cuda::trainer::check_trainable(&config, self.targets)?;
+        let shape = TrainKernelShape {
+            batch_users: self.batch_users,
+            history: self.history,
+            targets: self.targets,
+            gallery: self.gallery,
+        };
+        Ok(Some((config, shape)))
+    }
 }
 
 /// Reads `--lengths`: one positive integer per line, blank lines ignored.
@@ -252,6 +297,11 @@ pub fn run(args: &BenchArgs, common: &Common) -> Result<()> {
             report
         }
         BenchWhat::Kernels(bench) => {
+            if let Some((config, shape)) = bench.training()? {
+                let report = bench_train_kernels(ordinal(common)?, &bench.items.preset, &config, shape)?;
+                common.notice(kernels_summary(&report));
+                return common.write_json(&report);
+            }
             let (config, lengths) = bench.items.resolve()?;
             let ordinal = ordinal(common)?;
             let report = bench_kernels(ordinal, &bench.items.preset, &config, &lengths, bench.items.batch_tokens)?;
@@ -371,32 +421,30 @@ fn profile_summary(p: &Value) -> String {
 
 /// The table of a `bench kernels` report.
 fn kernels_summary(r: &Value) -> String {
+    let batch = match r.get("batch_users") {
+        Some(b) => format!("{b} users × ({} + {}) items, {} rows", r["history"], r["targets"], r["tokens"]),
+        None => format!("{} tokens, {} sequences", r["tokens"], r["sequences"]),
+    };
     let mut out = format!(
-        "{} kernels on {} ({} tokens, {} sequences): copy {:.0} GB/s, GEMM {:.1} TFLOP/s\n",
+        "{} kernels on {} ({batch}): copy {:.0} GB/s, GEMM {:.1} TFLOP/s\n",
         r["preset"].as_str().unwrap_or("?"),
         r["device"]["name"].as_str().unwrap_or("?"),
-        r["tokens"],
-        r["sequences"],
         num(r, "copy_gbps"),
         num(r, "gemm_peak_tflops")
     );
     for k in r["kernels"].as_array().into_iter().flatten() {
         let name = k["kernel"].as_str().unwrap_or("?");
-        if k.get("gbps").is_some() {
-            out += &format!(
-                "  {name:<18} {:>9.1} µs {:>8.0} GB/s   {:>4.0}% of copy\n",
-                num(k, "us"),
-                num(k, "gbps"),
-                100.0 * num(k, "fraction_of_copy")
-            );
-        } else {
-            out += &format!(
-                "  {name:<18} {:>9.1} µs {:>8.1} TFLOP/s {:>4.0}% of GEMM\n",
-                num(k, "us"),
-                num(k, "tflops"),
-                100.0 * num(k, "fraction_of_gemm_peak")
-            );
-        }
+        let tflops = match k.get("tflops") {
+            Some(_) => format!("{:>7.1} TFLOP/s", num(k, "tflops")),
+            None => " ".repeat(15),
+        };
+        out += &format!(
+            "  {name:<20} {:>9.1} µs {:>6.0} GB/s {tflops}  {:>3.0}% of the {} floor\n",
+            num(k, "us"),
+            num(k, "gbps"),
+            100.0 * num(k, "fraction_of_floor"),
+            k["bound"].as_str().unwrap_or("?"),
+        );
     }
     out.trim_end().to_owned()
 }
@@ -404,6 +452,41 @@ fn kernels_summary(r: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernels_table_gives_each_kernel_s_time_against_its_floor() {
+        let report = serde_json::json!({
+            "preset": "pch-base", "device": {"name": "H100"}, "batch_users": 256, "history": 80, "targets": 40,
+            "tokens": 30720, "sequences": 512, "copy_gbps": 3000.0, "gemm_peak_tflops": 700.0,
+            "kernels": [
+                {"kernel": "layernorm_fwd", "us": 50.0, "gbps": 1500.0, "fraction_of_floor": 0.5, "bound": "memory"},
+                {"kernel": "masked_attention_fwd", "us": 250.0, "gbps": 750.0, "tflops": 12.5,
+                 "fraction_of_floor": 0.25, "bound": "memory"},
+                {"kernel": "gemm_up", "us": 40.0, "gbps": 400.0, "tflops": 630.0, "fraction_of_floor": 0.9,
+                 "bound": "compute"},
+            ],
+        });
+        let text = kernels_summary(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "pch-base kernels on H100 (256 users × (80 + 40) items, 30720 rows): copy 3000 GB/s, GEMM 700.0 TFLOP/s"
+        );
+        assert_eq!(
+            lines[1],
+            "  layernorm_fwd             50.0 µs   1500 GB/s                   50% of the memory floor"
+        );
+        assert_eq!(
+            lines[2],
+            "  masked_attention_fwd     250.0 µs    750 GB/s    12.5 TFLOP/s   25% of the memory floor"
+        );
+        assert_eq!(
+            lines[3],
+            "  gemm_up                   40.0 µs    400 GB/s   630.0 TFLOP/s   90% of the compute floor"
+        );
+        let embed = serde_json::json!({"preset": "tiny", "device": {"name": "H100"}, "tokens": 8000, "sequences": 99});
+        assert!(kernels_summary(&embed).starts_with("tiny kernels on H100 (8000 tokens, 99 sequences): copy"));
+    }
 
     #[test]
     fn a_profile_lists_its_longest_launches_with_gemm_rates() {

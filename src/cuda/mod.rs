@@ -37,3 +37,4 @@ pub fn probe() -> Result<usize, String> {
 }
 pub mod bench;
 pub mod bench_train;
+pub mod bench_train_kernels;
