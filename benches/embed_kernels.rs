@@ -1,15 +1,13 @@
 //! Criterion benchmarks of the embedding hot paths (SPEC §7): the CPU reference operations at the `small`
 //! preset's shapes, and, when a GPU is present, the CUDA kernels at Baichuan2-7B's shapes for a batch of
-//! 4096 tokens (timed on the device: a batch of launches, then one synchronisation).
+//! 4096 tokens, as `bench kernels` builds them (timed on the device: a batch of launches between two events).
 //!
 //! `cargo bench --bench embed_kernels`; without a GPU only the CPU group runs (the reason is printed).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use half::f16;
 use learn_kern::cpu;
 use learn_kern::cuda::bench::{criterion_gpu, time_launches};
-use learn_kern::cuda::memory::Dev;
-use learn_kern::cuda::ops::attention_tiles;
+use learn_kern::cuda::bench_kernels::embed_kernels;
 use learn_kern::llm::LlmConfig;
 use std::hint::black_box;
 use std::time::Duration;
@@ -78,70 +76,23 @@ fn cpu_reference(c: &mut Criterion) {
 fn gpu_kernels(c: &mut Criterion) {
     let Some(gpu) = criterion_gpu() else { return };
     let config = LlmConfig::preset("baichuan2-7b").unwrap();
-    let (d, f, heads, dh) =
-        (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim());
-    let offsets = offsets(4096);
-    let (t, s) = (offsets[offsets.len() - 1], offsets.len() - 1);
-    let mut tiles = Vec::new();
-    attention_tiles(&offsets, &mut tiles);
-    let alloc = |bytes: usize| gpu.alloc(bytes, "bench").unwrap();
-    let bgate_up_w = alloc(2 * f * d * 2);
-    let (bx, bh, bdelta, bqkv, battn, bgu, bact, bw, brope, bpos, bcu, btiles, bpool) = (
-        alloc(t * d * 4),
-        alloc(t * d * 2),
-        alloc(t * d * 2),
-        alloc(t * 3 * d * 2),
-        alloc(t * d * 2),
-        alloc(t * 2 * f * 2),
-        alloc(t * f * 2),
-        alloc(d * 4),
-        alloc(4096 * dh * 4),
-        alloc(t * 4),
-        alloc((s + 1) * 4),
-        alloc(tiles.len() * 8),
-        alloc(s * d * 4),
-    );
-    let x: Dev<f32> = bx.all();
-    let [h, delta, qkv, attn, gu, act]: [Dev<f16>; 6] = [&bh, &bdelta, &bqkv, &battn, &bgu, &bact].map(|b| b.all());
-    let (w, rope, pooled): (Dev<f32>, Dev<[f32; 2]>, Dev<f32>) = (bw.all(), brope.all(), bpool.all());
-    let gate_up_w: Dev<f16> = bgate_up_w.all();
-    for (i, dst) in [h, delta, qkv, gu, gate_up_w].into_iter().enumerate() {
-        gpu.fill_uniform_f16(dst, i as u64, 0.0, 2.0).unwrap();
-    }
-    gpu.fill_uniform_f32(x, 9, 0.0, 2.0).unwrap();
-    gpu.fill_uniform_f32(w, 10, 1.0, 0.5).unwrap();
-    gpu.rope_table(rope, 4096, dh, 10000.0).unwrap();
-    let positions: Vec<i32> = offsets.windows(2).flat_map(|w| 0..(w[1] - w[0]) as i32).collect();
-    let cu: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
-    let (pos, cu_dev, tiles_dev): (Dev<i32>, Dev<i32>, Dev<[i32; 2]>) = (bpos.all(), bcu.all(), btiles.all());
-    gpu.upload(pos, &positions).unwrap();
-    gpu.upload(cu_dev, &cu).unwrap();
-    gpu.upload(tiles_dev, &tiles).unwrap();
-
+    let mut kernels = embed_kernels(&gpu, &config, &offsets(4096)).unwrap();
     let mut group = c.benchmark_group(format!("cuda {}", gpu.name));
     group.sample_size(20);
-    let td = (t * d) as u64;
-    let mut bench = |name: &str, throughput: Throughput, launch: &mut dyn FnMut() -> anyhow::Result<()>| {
-        group.throughput(throughput);
+    for case in &mut kernels.cases {
+        let name = if case.work.compute_bound() {
+            group.throughput(Throughput::Elements(case.work.flops as u64));
+            format!("{} (flop)", case.name)
+        } else {
+            group.throughput(Throughput::Bytes(case.work.bytes as u64));
+            case.name.to_owned()
+        };
         group.bench_function(name, |b| {
-            b.iter_custom(|iters| Duration::from_secs_f64(time_launches(&gpu, iters as usize, &mut *launch).unwrap()))
+            b.iter_custom(|iters| {
+                Duration::from_secs_f64(time_launches(&gpu, iters as usize, &mut case.launch).unwrap())
+            })
         });
-    };
-    bench("rmsnorm_residual", Throughput::Bytes(td * 12), &mut || {
-        gpu.rmsnorm_residual(x, Some(delta), w, h, t, d, 1e-6)
-    });
-    bench("rope_apply", Throughput::Bytes(td * 8), &mut || gpu.rope_apply(qkv, rope, pos, t, 2 * heads, dh, 3 * d));
-    let pairs: usize = offsets.windows(2).map(|w| (w[1] - w[0]) * (w[1] - w[0] + 1) / 2).sum();
-    bench("attention (flop)", Throughput::Elements((4 * d * pairs) as u64), &mut || {
-        gpu.attention(qkv, attn, cu_dev, tiles_dev, tiles.len(), s, heads, dh, t)
-    });
-    bench("swiglu", Throughput::Bytes((t * f * 6) as u64), &mut || gpu.swiglu(act, gu, t, f));
-    bench("final_norm_pool", Throughput::Bytes(td * 6), &mut || {
-        gpu.final_norm_pool(pooled, x, Some(delta), w, cu_dev, s, t, d, 1e-6)
-    });
-    bench("gemm gate_up (flop)", Throughput::Elements((2 * t * 2 * f * d) as u64), &mut || {
-        gpu.gemm(gu, h, gate_up_w, t, 2 * f, d)
-    });
+    }
     group.finish();
 }
 

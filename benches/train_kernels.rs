@@ -141,8 +141,7 @@ fn gpu_kernels(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("cuda-train {}", gpu.name));
     group.sample_size(20);
     for case in &mut kernels.cases {
-        // Elementwise kernels by their bytes, those with products by their operations.
-        let name = if case.work.flops > 0.0 {
+        let name = if case.work.compute_bound() {
             group.throughput(Throughput::Elements(case.work.flops as u64));
             format!("{} (flop)", case.name)
         } else {

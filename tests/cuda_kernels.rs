@@ -5,11 +5,14 @@
 mod cuda_support;
 
 use cuda_support::{
-    F16_HALF_ULP, F16_TINY, assert_close, f16_tol, f16s, gpu, poisoned, read, rng, uniform, upload, widen,
+    F16_HALF_ULP, F16_TINY, assert_close, assert_kernel_rows, f16_tol, f16s, gpu, poisoned, read, rng, uniform, upload,
+    widen,
 };
 use half::{bf16, f16};
 use learn_kern::cpu;
+use learn_kern::cuda::bench_kernels::{embed_kernels, time_kernels};
 use learn_kern::cuda::ops::{HEAD_DIMS, attention_tiles, packed_offsets};
+use learn_kern::llm::LlmConfig;
 use rand::RngExt;
 
 #[test]
@@ -346,4 +349,27 @@ fn the_launch_profiler_times_every_kernel_and_gemm_while_on_and_nothing_else() {
     gpu.profiler.stop();
     work();
     assert!(gpu.profiler.take().unwrap().is_empty(), "the profiler recorded after stop");
+}
+
+/// `bench kernels` for an LLM preset launches every embedding kernel over one packed batch on random
+/// inputs. On the emulator the times mean nothing, but each launch must pass its launcher's checks and run
+/// to the end, so that the GPU run's bench has no surprise left but the figures.
+#[test]
+fn bench_kernels_launches_every_embedding_kernel() {
+    let Some(gpu) = gpu() else { return };
+    let config = LlmConfig::preset("tiny").unwrap();
+    let offsets = packed_offsets(&[70, 5, 33]);
+    let mut kernels = embed_kernels(&gpu, &config, &offsets).unwrap();
+    assert_eq!((kernels.rows, kernels.sequences), (108, 3));
+    let rows = time_kernels(&gpu, &mut kernels, (1, 1), (1.0, 1.0)).unwrap();
+    let names = [
+        "embedding_gather",
+        "rmsnorm_residual",
+        "rope_apply",
+        "attention",
+        "swiglu",
+        "final_norm_pool",
+        "convert_bf16_f16",
+    ];
+    assert_kernel_rows(&rows, &names, &["attention"]);
 }

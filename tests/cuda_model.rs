@@ -271,6 +271,7 @@ fn benchmarks_refuse_the_emulator_in_one_sentence() {
     for args in [
         &["bench", "embed", "--preset", "tiny"][..],
         &["bench", "train", "--preset", "pch-small"],
+        &["bench", "kernels", "--preset", "tiny"],
         &["bench", "kernels", "--preset", "pch-small"],
     ] {
         let out = std::process::Command::new(binary()).args(args).env_remove("RUST_BACKTRACE").output().unwrap();

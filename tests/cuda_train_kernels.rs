@@ -6,7 +6,8 @@
 mod cuda_support;
 
 use cuda_support::{
-    F16_HALF_ULP, F16_TINY, assert_close, f16_tol, f16s, gpu, poisoned, read, real_gpu, rng, uniform, upload, widen,
+    F16_HALF_ULP, F16_TINY, assert_close, assert_kernel_rows, f16_tol, f16s, gpu, poisoned, read, real_gpu, rng,
+    uniform, upload, widen,
 };
 use half::f16;
 use learn_kern::cpu;
@@ -14,7 +15,8 @@ use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
 use learn_kern::cpu::masked_attention::{Heads, MaskKind, Varlen};
 use learn_kern::cuda::Gpu;
 use learn_kern::cuda::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM, Qkv, RowTensor};
-use learn_kern::cuda::bench_train_kernels::{TrainKernelShape, time_kernels, train_kernels};
+use learn_kern::cuda::bench_kernels::time_kernels;
+use learn_kern::cuda::bench_train_kernels::{TrainKernelShape, train_kernels};
 use learn_kern::cuda::infonce::{INFONCE_WIDTHS, InfoNceLayout, Rows, infonce_weights};
 use learn_kern::cuda::memory::{Dev, DeviceBuffer};
 use learn_kern::cuda::ops::{attention_tiles, packed_offsets};
@@ -960,8 +962,7 @@ fn bench_kernels_launches_every_training_kernel() {
     let mut kernels = train_kernels(&gpu, &config, shape).unwrap();
     assert_eq!((kernels.rows, kernels.sequences), (3 * 75, 6));
     let rows = time_kernels(&gpu, &mut kernels, (1, 1), (1.0, 1.0)).unwrap();
-    let names: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
-    let want = [
+    let names = [
         "layernorm_fwd",
         "layernorm_bwd",
         "gelu_bias_fwd",
@@ -974,14 +975,5 @@ fn bench_kernels_launches_every_training_kernel() {
         "adam_step",
         "topk",
     ];
-    assert_eq!(names, want);
-    let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
-    for row in &rows {
-        for key in ["us", "gbps", "floor_us", "fraction_of_floor"] {
-            assert!(positive(&row[key]), "{key}: {row}");
-        }
-        let products = ["masked_attention_fwd", "masked_attention_bwd", "infonce", "topk"]
-            .contains(&row["kernel"].as_str().unwrap());
-        assert_eq!(row.get("tflops").is_some_and(positive), products, "{row}");
-    }
+    assert_kernel_rows(&rows, &names, &["masked_attention_fwd", "masked_attention_bwd", "infonce", "topk"]);
 }

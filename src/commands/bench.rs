@@ -2,7 +2,8 @@
 //! and of their kernels, against ceilings measured in the same run.
 
 use crate::cli::Common;
-use crate::cuda::bench::{EmbedBenchSpec, bench_embed, bench_kernels, random_lengths};
+use crate::cuda::bench::{EmbedBenchSpec, bench_embed, random_lengths};
+use crate::cuda::bench_kernels::bench_kernels;
 use crate::cuda::bench_train::{TrainBenchSpec, bench_train};
 use crate::cuda::bench_train_kernels::{TrainKernelShape, bench_train_kernels};
 use crate::device::DeviceRequest;

@@ -1,6 +1,5 @@
 //! `bench kernels --preset pch-*` (SPEC §7): each PCH training kernel at the shapes of one training step,
-//! as GB/s against the measured copy bandwidth (the memory-bound kernels) or TFLOP/s against the GEMM rate
-//! (attention, InfoNCE, top-K, the GEMMs). `bench train --profile` shows the same kernels inside a step;
+//! against its floor (super::bench_kernels). `bench train --profile` shows the same kernels inside a step;
 //! this shows how close each one runs to its own floor.
 //!
 //! The batch is a full one: every user has `history` and `targets` items, both towers causal and packed in
@@ -8,9 +7,9 @@
 
 use super::Gpu;
 use super::attention_train::{AttnBatch, MASKED_ATTENTION_HEAD_DIM, Qkv, RowTensor};
-use super::bench::{KernelWork, copy_gbps, device_json, gemm_tflops, kernel_row, refuse_emulated, time_on_stream};
+use super::bench_kernels::{KernelSet, KernelWork, Launch, kernels_report};
 use super::infonce::{InfoNceLayout, Rows, infonce_scratch_len, infonce_weights};
-use super::memory::{Dev, DeviceBuffer, Layout};
+use super::memory::{Dev, Layout};
 use super::ops::{attention_tiles, packed_offsets};
 use super::topk::plan;
 use super::train_ops::{AdamStats, AdamStep};
@@ -37,82 +36,30 @@ const TOP_K: usize = 100;
 /// The training command's default temperature.
 const TAU: f32 = 0.05;
 
-/// `bench kernels` for a PCH preset on GPU `ordinal`: the ceilings, then every training kernel.
+/// `bench kernels` for a PCH preset on GPU `ordinal`: every training kernel, then the forward's GEMMs.
 pub fn bench_train_kernels(ordinal: usize, preset: &str, c: &PchConfig, shape: TrainKernelShape) -> Result<Value> {
     let gpu = Gpu::open(ordinal)?;
-    refuse_emulated(&gpu)?;
-    let copy = copy_gbps(&gpu, 1 << 30)?;
-    let gemm_peak = gemm_tflops(&gpu, 8192, 8192, 8192)?;
-    let mut kernels = train_kernels(&gpu, c, shape)?;
-    let mut rows = time_kernels(&gpu, &mut kernels, (3, 20), (copy, gemm_peak))?;
-    let (m, sequences) = (kernels.rows, kernels.sequences);
-    drop(kernels);
     let (d, f, o) = (c.d_model, c.d_ff, c.d_out);
-    // The forward's GEMMs through cuBLAS at this batch's rows, for comparison with the peak.
-    for (name, n, k) in [
+    let gemms = [
         ("gemm_adaptor", d, c.d_content),
         ("gemm_qkv", 3 * d, d),
         ("gemm_out", d, d),
         ("gemm_up", f, d),
         ("gemm_down", d, f),
         ("gemm_head", o, d),
-    ] {
-        let tflops = gemm_tflops(&gpu, m, n, k)?;
-        let work = KernelWork::gemm(m, n, k);
-        rows.push(kernel_row(name, work.flops / (tflops * 1e12), work, copy, gemm_peak));
-    }
-    Ok(json!({
-        "bench": "kernels",
-        "preset": preset,
-        "device": device_json(&gpu),
+    ];
+    let batch = json!({
         "batch_users": shape.batch_users,
         "history": shape.history,
         "targets": shape.targets,
         "gallery": shape.gallery,
-        "tokens": m,
-        "sequences": sequences,
-        "copy_gbps": copy,
-        "gemm_peak_tflops": gemm_peak,
-        "kernels": rows,
-    }))
+    });
+    kernels_report(&gpu, preset, || train_kernels(&gpu, c, shape), &gemms, batch)
 }
 
-/// One kernel of [`TrainKernels`]: its name, the work its rate is measured by, and a launch of it.
-pub struct KernelCase<'g> {
-    pub name: &'static str,
-    pub work: KernelWork,
-    pub launch: Box<dyn FnMut() -> Result<()> + 'g>,
-}
-
-/// Every training kernel of a model, ready to launch at one step's shapes on random inputs held in one
-/// device buffer, in an order where each reads what an earlier one wrote (the InfoNCE and the top-K the
-/// unit rows of l2norm_fwd, the attention's backward its forward's output and lse): launch them in turn.
-pub struct TrainKernels<'g> {
-    pub cases: Vec<KernelCase<'g>>,
-    /// Shapes of the report: rows of the pass, its sequences, the model's parameters.
-    pub rows: usize,
-    pub sequences: usize,
-    _buffer: DeviceBuffer,
-}
-
-/// Times each of `kernels` (`warmup` untimed launches, then the mean of `runs`) into a report row: GB/s as
-/// a fraction of `copy` or TFLOP/s as a fraction of `gemm_peak`.
-pub fn time_kernels(
-    gpu: &Gpu,
-    kernels: &mut TrainKernels,
-    (warmup, runs): (usize, usize),
-    (copy, gemm_peak): (f64, f64),
-) -> Result<Vec<Value>> {
-    let mut rows = Vec::with_capacity(kernels.cases.len());
-    for case in &mut kernels.cases {
-        let seconds = time_on_stream(gpu, warmup, runs, &mut case.launch)?;
-        rows.push(kernel_row(case.name, seconds, case.work, copy, gemm_peak));
-    }
-    Ok(rows)
-}
-
-/// The training kernels of model `c` at `shape` on `gpu`, their inputs random.
-pub fn train_kernels<'g>(gpu: &'g Gpu, c: &PchConfig, shape: TrainKernelShape) -> Result<TrainKernels<'g>> {
+/// The training kernels of model `c` at `shape` on `gpu`, their inputs random. They run as a step runs them, each reading what an earlier one wrote: the InfoNCE and the top-K the unit
+/// rows of l2norm_fwd, the attention's backward its forward's output and lse.
+pub fn train_kernels<'g>(gpu: &'g Gpu, c: &PchConfig, shape: TrainKernelShape) -> Result<KernelSet<'g>> {
     let TrainKernelShape { batch_users: b, history: h, targets: t, gallery } = shape;
     let (d, f, o, heads) = (c.d_model, c.d_ff, c.d_out, c.n_heads);
     ensure!(b > 0 && h > 0 && t > 0 && gallery > 0, "bench kernels: an empty batch or gallery");
@@ -233,7 +180,6 @@ pub fn train_kernels<'g>(gpu: &'g Gpu, c: &PchConfig, shape: TrainKernelShape) -
     // products (dV, dP, dQ, dK), not the scores it recomputes, and no bytes for its per-row delta scratch;
     // the InfoNCE four products (scores and dq, scores again and dc: no [B·H, B·T] matrix may be kept, so
     // the column gradients recompute the scores) and the embeddings and their gradients as bytes.
-    type Launch<'g> = Box<dyn FnMut() -> Result<()> + 'g>;
     let cases: Vec<(&'static str, KernelWork, Launch<'g>)> = vec![
         (
             "layernorm_fwd",
@@ -300,10 +246,5 @@ pub fn train_kernels<'g>(gpu: &'g Gpu, c: &PchConfig, shape: TrainKernelShape) -
             }),
         ),
     ];
-    Ok(TrainKernels {
-        cases: cases.into_iter().map(|(name, work, launch)| KernelCase { name, work, launch }).collect(),
-        rows,
-        sequences: lengths.len(),
-        _buffer: buffer,
-    })
+    Ok(KernelSet::new(cases, rows, lengths.len(), buffer))
 }

@@ -36,5 +36,6 @@ pub fn probe() -> Result<usize, String> {
     Ok(count)
 }
 pub mod bench;
+pub mod bench_kernels;
 pub mod bench_train;
 pub mod bench_train_kernels;

@@ -152,3 +152,18 @@ pub fn binary() -> std::path::PathBuf {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_learn-kern")))
 }
+
+/// Rows of a `bench kernels` set run once: the kernels `names` in order, each with a positive, finite time,
+/// rate and floor, and a TFLOP/s exactly where the kernel has products (`with_products`).
+pub fn assert_kernel_rows(rows: &[serde_json::Value], names: &[&str], with_products: &[&str]) {
+    let got: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap_or("?")).collect();
+    assert_eq!(got, names);
+    let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
+    for row in rows {
+        for key in ["us", "gbps", "floor_us", "fraction_of_floor"] {
+            assert!(positive(&row[key]), "{key}: {row}");
+        }
+        let products = with_products.contains(&row["kernel"].as_str().unwrap_or("?"));
+        assert_eq!(row.get("tflops").is_some_and(positive), products, "{row}");
+    }
+}
