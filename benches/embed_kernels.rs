@@ -4,9 +4,10 @@
 //!
 //! `cargo bench --bench embed_kernels`; without a GPU only the CPU group runs (the reason is printed).
 
+mod support;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use learn_kern::cpu;
-use learn_kern::cuda::bench::{criterion_gpu, time_launches};
 use learn_kern::cuda::bench_kernels::embed_kernels;
 use learn_kern::llm::LlmConfig;
 use std::hint::black_box;
@@ -23,10 +24,6 @@ fn offsets(tokens: usize) -> Vec<usize> {
     offsets
 }
 
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n as u32).map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0).collect()
-}
-
 fn cpu_reference(c: &mut Criterion) {
     let config = LlmConfig::preset("small").unwrap();
     let (d, f, heads, dh) =
@@ -36,13 +33,13 @@ fn cpu_reference(c: &mut Criterion) {
     let mut group = c.benchmark_group("cpu");
     group.sample_size(10).measurement_time(Duration::from_secs(3));
 
-    let x = values(t * d, 1);
-    let w = values(d, 2);
+    let x = support::values(t * d, 1);
+    let w = support::values(d, 2);
     let mut out = vec![0.0; t * d];
     group.throughput(Throughput::Bytes((t * d * 8) as u64));
     group.bench_function("rmsnorm", |b| b.iter(|| cpu::rmsnorm::rmsnorm(&mut out, black_box(&x), &w, 1e-6)));
 
-    let mut qkv = values(t * 3 * d, 3);
+    let mut qkv = support::values(t * 3 * d, 3);
     let positions: Vec<usize> = offsets.windows(2).flat_map(|w| 0..w[1] - w[0]).collect();
     let table = cpu::rope::RopeTable::new(dh, 10000.0, 512);
     group.throughput(Throughput::Bytes((t * 2 * d * 8) as u64));
@@ -54,7 +51,7 @@ fn cpu_reference(c: &mut Criterion) {
         b.iter(|| cpu::causal_attention::causal_attention(&mut out, black_box(&qkv), &offsets, heads, dh))
     });
 
-    let gate_up = values(t * 2 * f, 4);
+    let gate_up = support::values(t * 2 * f, 4);
     let mut act = vec![0.0; t * f];
     group.throughput(Throughput::Bytes((t * 3 * f * 4) as u64));
     group.bench_function("swiglu", |b| b.iter(|| cpu::swiglu::swiglu(&mut act, black_box(&gate_up), f)));
@@ -65,7 +62,7 @@ fn cpu_reference(c: &mut Criterion) {
         b.iter(|| cpu::pool::mean_pool_l2(&mut pooled, black_box(&x), &offsets, d))
     });
 
-    let wpack = values(3 * d * d, 5);
+    let wpack = support::values(3 * d * d, 5);
     group.throughput(Throughput::Elements((2 * t * 3 * d * d) as u64));
     group.bench_with_input(BenchmarkId::new("gemm a_bt (flop)", format!("{t}x{}x{d}", 3 * d)), &t, |b, &t| {
         b.iter(|| cpu::gemm::a_bt(&mut qkv, black_box(&x), &wpack, t, 3 * d, d, false))
@@ -74,26 +71,10 @@ fn cpu_reference(c: &mut Criterion) {
 }
 
 fn gpu_kernels(c: &mut Criterion) {
-    let Some(gpu) = criterion_gpu() else { return };
+    let Some(gpu) = support::gpu() else { return };
     let config = LlmConfig::preset("baichuan2-7b").unwrap();
     let mut kernels = embed_kernels(&gpu, &config, &offsets(4096)).unwrap();
-    let mut group = c.benchmark_group(format!("cuda {}", gpu.name));
-    group.sample_size(20);
-    for case in &mut kernels.cases {
-        let name = if case.work.compute_bound() {
-            group.throughput(Throughput::Elements(case.work.flops as u64));
-            format!("{} (flop)", case.name)
-        } else {
-            group.throughput(Throughput::Bytes(case.work.bytes as u64));
-            case.name.to_owned()
-        };
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                Duration::from_secs_f64(time_launches(&gpu, iters as usize, &mut case.launch).unwrap())
-            })
-        });
-    }
-    group.finish();
+    support::bench_kernel_set(c, &gpu, "cuda", &mut kernels);
 }
 
 criterion_group!(benches, cpu_reference, gpu_kernels);

@@ -7,11 +7,12 @@
 //!
 //! `cargo bench --bench train_kernels`; `RAYON_NUM_THREADS` sets the CPU threads.
 
+mod support;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
 use learn_kern::cpu::masked_attention::{self, Heads, MaskKind, Varlen};
 use learn_kern::cpu::{gelu, layernorm};
-use learn_kern::cuda::bench::{criterion_gpu, time_launches};
 use learn_kern::cuda::bench_train_kernels::{TrainKernelShape, train_kernels};
 use learn_kern::pch::{PchConfig, names_and_shapes};
 use learn_kern::train::optim::{Adam, AdamConfig, grad_norm};
@@ -22,13 +23,9 @@ const USERS: usize = 30;
 const HISTORY: usize = 80;
 const TARGETS: usize = 40;
 
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n as u32).map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0).collect()
-}
-
 /// Rows of unit length, as the towers' outputs are.
 fn unit_rows(n: usize, d: usize, seed: u32) -> Vec<f32> {
-    let mut v = values(n * d, seed);
+    let mut v = support::values(n * d, seed);
     for row in v.chunks_exact_mut(d) {
         let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
         row.iter_mut().for_each(|x| *x /= norm);
@@ -42,10 +39,10 @@ fn layer_ops(c: &mut Criterion) {
     let mut group = c.benchmark_group("cpu-train");
     group.sample_size(10).measurement_time(Duration::from_secs(3));
 
-    let (x, w, b) = (values(rows * d, 1), values(d, 2), values(d, 3));
+    let (x, w, b) = (support::values(rows * d, 1), support::values(d, 2), support::values(d, 3));
     let (mut y, mut xhat, mut rstd) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows]);
     let (mut dx, mut dw, mut db) = (vec![0.0; rows * d], vec![0.0; d], vec![0.0; d]);
-    let dy = values(rows * d, 4);
+    let dy = support::values(rows * d, 4);
     group.throughput(Throughput::Bytes((rows * d * 4 * 4) as u64));
     group.bench_function("layernorm fwd", |bench| {
         bench.iter(|| layernorm::forward(&mut y, &mut xhat, &mut rstd, black_box(&x), &w, &b, rows, d, 1e-12))
@@ -55,7 +52,7 @@ fn layer_ops(c: &mut Criterion) {
         bench.iter(|| layernorm::backward(&mut dx, &mut dw, &mut db, black_box(&dy), &xhat, &rstd, &w, rows, d))
     });
 
-    let u = values(rows * f, 5);
+    let u = support::values(rows * f, 5);
     let mut g = vec![0.0; rows * f];
     group.throughput(Throughput::Bytes((rows * f * 8) as u64));
     group.bench_function("gelu fwd", |bench| bench.iter(|| gelu::forward(&mut g, black_box(&u))));
@@ -63,10 +60,10 @@ fn layer_ops(c: &mut Criterion) {
 
     let seqs = Varlen::new(&[HISTORY; USERS]);
     let hd = Heads { count: cfg.n_heads, dim: cfg.head_dim() };
-    let (q, k, v) = (values(rows * d, 6), values(rows * d, 7), values(rows * d, 8));
+    let (q, k, v) = (support::values(rows * d, 6), support::values(rows * d, 7), support::values(rows * d, 8));
     let (mut out, mut probs) = (vec![0.0; rows * d], vec![0.0; seqs.prob_len(hd.count)]);
     let (mut dq, mut dk, mut dv) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; rows * d]);
-    let dout = values(rows * d, 9);
+    let dout = support::values(rows * d, 9);
     // Forward: Q·Kᵀ and P·V over the full square (the mask is applied after the product).
     group.throughput(Throughput::Elements((4 * USERS * HISTORY * HISTORY * d) as u64));
     group.bench_function("causal attention fwd (flop)", |bench| {
@@ -121,8 +118,8 @@ fn optimiser(c: &mut Criterion) {
     let n: usize = names_and_shapes(&cfg).iter().map(|(_, shape)| shape.iter().product::<usize>()).sum();
     let mut group = c.benchmark_group("cpu-train");
     group.sample_size(10).measurement_time(Duration::from_secs(5));
-    let mut params = values(n, 12);
-    let grads = values(n, 13);
+    let mut params = support::values(n, 12);
+    let grads = support::values(n, 13);
     let mut adam = Adam::new(AdamConfig::default(), &[n]);
     // Parameters, gradients and both moments read; parameters and moments written.
     group.throughput(Throughput::Bytes((n * 7 * 4) as u64));
@@ -135,26 +132,10 @@ fn optimiser(c: &mut Criterion) {
 }
 
 fn gpu_kernels(c: &mut Criterion) {
-    let Some(gpu) = criterion_gpu() else { return };
+    let Some(gpu) = support::gpu() else { return };
     let shape = TrainKernelShape { batch_users: 256, history: HISTORY, targets: TARGETS, gallery: 100_000 };
     let mut kernels = train_kernels(&gpu, &PchConfig::base(), shape).unwrap();
-    let mut group = c.benchmark_group(format!("cuda-train {}", gpu.name));
-    group.sample_size(20);
-    for case in &mut kernels.cases {
-        let name = if case.work.compute_bound() {
-            group.throughput(Throughput::Elements(case.work.flops as u64));
-            format!("{} (flop)", case.name)
-        } else {
-            group.throughput(Throughput::Bytes(case.work.bytes as u64));
-            case.name.to_owned()
-        };
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                Duration::from_secs_f64(time_launches(&gpu, iters as usize, &mut case.launch).unwrap())
-            })
-        });
-    }
-    group.finish();
+    support::bench_kernel_set(c, &gpu, "cuda-train", &mut kernels);
 }
 
 criterion_group!(benches, layer_ops, loss, optimiser, gpu_kernels);

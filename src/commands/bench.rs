@@ -28,8 +28,9 @@ pub enum BenchWhat {
     Embed(EmbedBench),
     /// PCH training throughput: steps/s, users/s, tokens/s, MFU against cuBLAS's fp16 GEMM rate, memory.
     Train(TrainBench),
-    /// Each kernel's GB/s or TFLOP/s against the measured copy bandwidth and GEMM rate: the embedding
-    /// kernels for an LLM preset, the training kernels for a PCH one (pch-base, pch-small).
+    /// Each kernel's time against its floor (its least bytes over the measured copy bandwidth, its
+    /// operations over the measured GEMM rate): the embedding kernels for an LLM preset, the training
+    /// kernels at one step's shapes for a PCH one (--preset pch-base or pch-small).
     Kernels(KernelBench),
 }
 
@@ -150,8 +151,7 @@ pub struct EmbedBench {
 
 #[derive(Args, Debug)]
 pub struct KernelBench {
-    /// With --preset pch-base or pch-small: the training kernels at one training step's shapes (the item
-    /// options above do not apply).
+    // With a PCH preset (pch-base, pch-small) only --preset, --device and --json of these apply.
     #[command(flatten)]
     pub items: Items,
     /// PCH presets: users per batch (every user has --history and --targets items).

@@ -29,18 +29,6 @@ pub fn refuse_emulated(gpu: &Gpu) -> Result<()> {
     Ok(())
 }
 
-/// The GPU the criterion benches (benches/) time kernels on: cuda:0, or None, with the reason printed, when
-/// there is no usable GPU or it is the emulator.
-pub fn criterion_gpu() -> Option<Gpu> {
-    let why = match crate::cuda::probe().and_then(|_| Gpu::open(0).map_err(|e| format!("{e:#}"))) {
-        Ok(gpu) if !gpu.is_emulated() => return Some(gpu),
-        Ok(gpu) => format!("{} runs kernels but times nothing meaningful", gpu.name),
-        Err(why) => why,
-    };
-    eprintln!("skipping the GPU kernels: {why}");
-    None
-}
-
 /// Item lengths uniform in `min..=max`, from `seed`.
 pub fn random_lengths(count: usize, min: usize, max: usize, seed: u64) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
