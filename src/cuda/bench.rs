@@ -38,8 +38,8 @@ pub fn random_lengths(count: usize, min: usize, max: usize, seed: u64) -> Vec<us
 /// Rounds [`time_on_stream`] takes the median of.
 const ROUNDS: usize = 5;
 
-/// Times `work` on the compute stream with events: `warmup` untimed runs, then [`ROUNDS`] rounds of `runs`,
-/// each between its own pair of events; the median round's time per run, in seconds.
+/// Times `work` on the compute stream with events: `warmup` untimed runs, then `ROUNDS` (5) rounds of
+/// `runs`, each between its own pair of events; the median round's time per run, in seconds.
 pub fn time_on_stream(gpu: &Gpu, warmup: usize, runs: usize, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         work()?;

@@ -57,8 +57,9 @@ pub fn bench_train_kernels(ordinal: usize, preset: &str, c: &PchConfig, shape: T
     kernels_report(&gpu, preset, || train_kernels(&gpu, c, shape), &gemms, batch)
 }
 
-/// The training kernels of model `c` at `shape` on `gpu`, their inputs random. They run as a step runs them, each reading what an earlier one wrote: the InfoNCE and the top-K the unit
-/// rows of l2norm_fwd, the attention's backward its forward's output and lse.
+/// The training kernels of model `c` at `shape` on `gpu`, their inputs random. They run as a step runs
+/// them, each reading what an earlier one wrote: the InfoNCE and the top-K the unit rows of l2norm_fwd, the
+/// attention's backward its forward's output and lse.
 pub fn train_kernels<'g>(gpu: &'g Gpu, c: &PchConfig, shape: TrainKernelShape) -> Result<KernelSet<'g>> {
     let TrainKernelShape { batch_users: b, history: h, targets: t, gallery } = shape;
     let (d, f, o, heads) = (c.d_model, c.d_ff, c.d_out, c.n_heads);

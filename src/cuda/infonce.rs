@@ -37,7 +37,7 @@ pub struct InfoNceLayout {
     /// Per column: its row of the `[B·T, d]` items, its user.
     pub c_row: Vec<i32>,
     pub c_user: Vec<i32>,
-    /// User i's queries are q_start[i] .. q_start[i+1], its columns c_start[i] .. c_start[i+1].
+    /// User i's queries are `q_start[i] .. q_start[i+1]`, its columns `c_start[i] .. c_start[i+1]`.
     pub q_start: Vec<i32>,
     pub c_start: Vec<i32>,
     /// `[B, words]` bits: bit c of user i is set when column c is one of i's false negatives. Empty when

@@ -16,7 +16,7 @@ const ATTENTION_THREADS: u32 = 128;
 /// Head sizes the attention kernel is instantiated for.
 pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
-/// Dynamic shared memory of the attention kernel for head size `hd`: AttnSmem<HD>::TOTAL in attention.cu,
+/// Dynamic shared memory of the attention kernel for head size `hd`: `AttnSmem<HD>::TOTAL` in attention.cu,
 /// mirrored here (the kernel traps if it gets less).
 pub fn attention_shared_bytes(hd: usize) -> usize {
     let (bm, bn) = (ATTENTION_TILE, 32);
@@ -46,7 +46,7 @@ pub fn packed_offsets(lengths: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-/// The attention launch's query tiles for sequences packed at `offsets` (0 = offsets[0] ≤ … ≤ offsets[S]):
+/// The attention launch's query tiles for sequences packed at `offsets` (`0 = offsets[0] ≤ … ≤ offsets[S]`):
 /// (sequence, first row of the tile within it), written into `tiles` (reused, no allocation once grown).
 /// Tiles later in their sequence see more keys, so they come first: the longest blocks start early and the
 /// short ones fill in behind them.

@@ -87,7 +87,7 @@ pub struct TopkPlan {
     pub span: usize,
 }
 
-/// Parts enough for `n_users` to give every multiprocessor two blocks, none shorter than [`MIN_PART`].
+/// Parts enough for `n_users` to give every multiprocessor two blocks, none shorter than `MIN_PART`.
 pub fn plan(multiprocessors: usize, n_users: usize, n_gallery: usize) -> TopkPlan {
     let blocks = n_users.div_ceil(USERS).max(1);
     let want = (2 * multiprocessors.max(1)).div_ceil(blocks);

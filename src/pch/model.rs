@@ -117,7 +117,7 @@ pub(crate) fn sized<T: Real>(v: &mut Vec<T>, n: usize) {
 
 /// Runs the model over a batch: outputs `[B, L, d_out]` (unit rows at valid positions, zeros at padded ones,
 /// which are never computed) and the cache for the backward pass. `dropout` is the training-mode RNG: when it is given and the
-/// config's dropout is above 0, masks are drawn from it (see [`layer`] for the order); otherwise no
+/// config's dropout is above 0, masks are drawn from it (see `layer` for the order); otherwise no
 /// dropout is applied and no RNG is touched.
 pub fn forward<T: Real>(
     params: &PchParams<T>,

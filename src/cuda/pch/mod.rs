@@ -5,7 +5,7 @@
 //! gradients, which the backward writes (each once, so nothing zeroes them between updates). A pass's
 //! activations live in an [`Activations`] arena sized once for a largest batch, apart from the model.
 //! Training runs its two towers as one pass: the user tower's sequences, then the item tower's, one set of
-//! rows in one arena ([`PackedBatch`]), so each GEMM and kernel launches once for both. Only the valid
+//! rows in one arena (`PackedBatch`), so each GEMM and kernel launches once for both. Only the valid
 //! positions are computed, packed as the CPU reference packs them. Per layer:
 //! ```text
 //! qkv = x · Wqkvᵀ                      cuBLAS, kept without its bias
