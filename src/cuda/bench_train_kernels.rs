@@ -19,6 +19,8 @@ use crate::pch::params::names_and_shapes;
 use crate::train::optim::AdamConfig;
 use anyhow::{Result, ensure};
 use half::f16;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
 /// The batch the kernels run on, and the gallery the top-K ranks.
@@ -76,8 +78,10 @@ pub fn train_kernels<'g>(gpu: &'g Gpu, c: &PchConfig, shape: TrainKernelShape) -
     attention_tiles(&offsets, &mut tiles);
     let cu: Vec<i32> = offsets.iter().map(|&x| x as i32).collect();
     let params: usize = names_and_shapes(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-    // Every user's targets from a catalogue of `gallery` items: a few false negatives, as in real batches.
-    let target_ids: Vec<u32> = (0..b * t).map(|i| (i * 7919 % gallery) as u32).collect();
+    // Every user's targets drawn from a catalogue of `gallery` items: some recur across users, so the
+    // false-negative mask has bits to apply, as in real batches.
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let target_ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..gallery) as u32).collect();
     let nce = InfoNceLayout::new(&vec![h; b], &vec![t; b], &target_ids, h, t, LossPositions::All, false, Rows::Packed)?;
     let topk_plan = plan(gpu.multiprocessors, b, gallery);
     let widest = (3 * d).max(f); // the QKV bias is the widest vector, or the FFN's
