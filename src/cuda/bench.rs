@@ -66,17 +66,21 @@ pub fn time_launches(gpu: &Gpu, runs: usize, mut work: impl FnMut() -> Result<()
     Ok(start.elapsed_ms(&end)? as f64 / 1e3)
 }
 
-/// cuBLAS's fp16 GEMM rate (TFLOP/s) for `y[m, n] = x[m, k] · w[n, k]ᵀ`, on random operands (zeros run
-/// faster than real data on some GPUs).
-pub fn gemm_tflops(gpu: &Gpu, m: usize, n: usize, k: usize) -> Result<f64> {
+/// cuBLAS's time (seconds) for the fp16 GEMM `y[m, n] = x[m, k] · w[n, k]ᵀ`, on random operands (zeros
+/// run faster than real data on some GPUs).
+pub fn gemm_seconds(gpu: &Gpu, m: usize, n: usize, k: usize) -> Result<f64> {
     let buffer = gpu.alloc((m * k + n * k + m * n) * 2 + 1024, "GEMM benchmark operands")?;
     let x: Dev<f16> = buffer.view(0, m * k);
     let w: Dev<f16> = buffer.view((m * k * 2).next_multiple_of(256), n * k);
     let y: Dev<f16> = buffer.view((m * k * 2).next_multiple_of(256) + (n * k * 2).next_multiple_of(256), m * n);
     gpu.fill_uniform_f16(x, 1, 0.0, 2.0)?;
     gpu.fill_uniform_f16(w, 2, 0.0, 2.0 / (k as f32).sqrt())?;
-    let seconds = time_on_stream(gpu, 3, 10, || gpu.gemm(y, x, w, m, n, k))?;
-    Ok(2.0 * (m * n * k) as f64 / seconds / 1e12)
+    time_on_stream(gpu, 3, 10, || gpu.gemm(y, x, w, m, n, k))
+}
+
+/// cuBLAS's fp16 GEMM rate (TFLOP/s) for the shape of [`gemm_seconds`].
+pub fn gemm_tflops(gpu: &Gpu, m: usize, n: usize, k: usize) -> Result<f64> {
+    Ok(2.0 * (m * n * k) as f64 / gemm_seconds(gpu, m, n, k)? / 1e12)
 }
 
 /// The model's four GEMM shapes at `tokens` rows, weighted by their operations: the rate the linear layers
@@ -84,13 +88,10 @@ pub fn gemm_tflops(gpu: &Gpu, m: usize, n: usize, k: usize) -> Result<f64> {
 fn model_gemm_tflops(gpu: &Gpu, c: &LlmConfig, tokens: usize) -> Result<f64> {
     let (d, f) = (c.hidden_size, c.intermediate_size);
     let shapes = [(3 * d, d), (d, d), (2 * f, d), (d, f)];
-    let mut seconds = 0.0;
-    let mut flops = 0.0;
+    let (mut seconds, mut flops) = (0.0, 0.0);
     for (n, k) in shapes {
-        let rate = gemm_tflops(gpu, tokens, n, k)?;
-        let work = 2.0 * (tokens * n * k) as f64;
-        flops += work;
-        seconds += work / (rate * 1e12);
+        seconds += gemm_seconds(gpu, tokens, n, k)?;
+        flops += 2.0 * (tokens * n * k) as f64;
     }
     Ok(flops / seconds / 1e12)
 }

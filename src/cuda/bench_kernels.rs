@@ -5,7 +5,7 @@
 //! criterion benches (benches/) and the tests that run every launch on the emulator share.
 
 use super::Gpu;
-use super::bench::{copy_gbps, device_json, gemm_tflops, refuse_emulated, time_on_stream};
+use super::bench::{copy_gbps, device_json, gemm_seconds, gemm_tflops, refuse_emulated, time_on_stream};
 use super::memory::{Dev, DeviceBuffer, Layout};
 use super::ops::attention_tiles;
 use crate::llm::LlmConfig;
@@ -127,9 +127,7 @@ pub(super) fn kernels_report<'g>(
     let (m, sequences) = (set.rows, set.sequences);
     drop(set);
     for &(name, n, k) in gemms {
-        let tflops = gemm_tflops(gpu, m, n, k)?;
-        let work = KernelWork::gemm(m, n, k);
-        rows.push(kernel_row(name, work.flops / (tflops * 1e12), work, ceilings.0, ceilings.1));
+        rows.push(kernel_row(name, gemm_seconds(gpu, m, n, k)?, KernelWork::gemm(m, n, k), ceilings.0, ceilings.1));
     }
     let mut report = json!({
         "bench": "kernels",
