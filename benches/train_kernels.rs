@@ -14,7 +14,7 @@ use learn_kern::cpu::infonce::{InfoNceBatch, LossPositions, infonce};
 use learn_kern::cpu::masked_attention::{self, Heads, MaskKind, Varlen};
 use learn_kern::cpu::{gelu, layernorm};
 use learn_kern::cuda::bench_train_kernels::{TrainKernelShape, train_kernels};
-use learn_kern::pch::{PchConfig, names_and_shapes};
+use learn_kern::pch::{PchConfig, parameter_count};
 use learn_kern::train::optim::{Adam, AdamConfig, grad_norm};
 use std::hint::black_box;
 use std::time::Duration;
@@ -115,7 +115,7 @@ fn loss(c: &mut Criterion) {
 
 fn optimiser(c: &mut Criterion) {
     let cfg = PchConfig::base().with_d_content(512);
-    let n: usize = names_and_shapes(&cfg).iter().map(|(_, shape)| shape.iter().product::<usize>()).sum();
+    let n = parameter_count(&cfg);
     let mut group = c.benchmark_group("cpu-train");
     group.sample_size(10).measurement_time(Duration::from_secs(5));
     let mut params = support::values(n, 12);

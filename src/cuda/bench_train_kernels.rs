@@ -14,8 +14,7 @@ use super::ops::{attention_tiles, packed_offsets};
 use super::topk::plan;
 use super::train_ops::{AdamStats, AdamStep};
 use crate::cpu::infonce::LossPositions;
-use crate::pch::PchConfig;
-use crate::pch::params::names_and_shapes;
+use crate::pch::{PchConfig, parameter_count};
 use crate::train::optim::AdamConfig;
 use anyhow::{Result, ensure};
 use half::f16;
@@ -77,7 +76,7 @@ pub fn train_kernels<'g>(gpu: &'g Gpu, c: &PchConfig, shape: TrainKernelShape) -
     let mut tiles = Vec::new();
     attention_tiles(&offsets, &mut tiles);
     let cu: Vec<i32> = offsets.iter().map(|&x| x as i32).collect();
-    let params: usize = names_and_shapes(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let params = parameter_count(c);
     // Every user's targets drawn from a catalogue of `gallery` items: some recur across users, so the
     // false-negative mask has bits to apply, as in real batches.
     let mut rng = ChaCha8Rng::seed_from_u64(0);

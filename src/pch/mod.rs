@@ -13,4 +13,4 @@ pub use crate::cpu::masked_attention::MaskKind;
 pub use backward::{backward, backward_to_content};
 pub use config::{InputKind, ItemTower, PchConfig, Positions};
 pub use model::{NORMALIZE_EPS, PchBatchShape, PchCache, PchInput, forward, forward_reusing};
-pub use params::{PchParams, names_and_shapes};
+pub use params::{PchParams, names_and_shapes, parameter_count};

@@ -53,6 +53,11 @@ pub fn names_and_shapes(cfg: &PchConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The number of parameters of a configuration: the elements of every tensor of [`names_and_shapes`].
+pub fn parameter_count(cfg: &PchConfig) -> usize {
+    names_and_shapes(cfg).iter().map(|(_, shape)| shape.iter().product::<usize>()).sum()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 struct Slot {
     name: String,
@@ -251,6 +256,9 @@ mod tests {
         assert_eq!(names[10], ("layers.0.ffn.down.weight".to_string(), vec![64, 128]));
         assert_eq!(names[13], ("layers.0.ffn_norm.bias".to_string(), vec![64]));
         assert_eq!(names.last().unwrap(), &("head.bias".to_string(), vec![16]));
+        // Adaptor 64·24 + 64, two layers of 33,472, head 16·64 + 16.
+        assert_eq!(parameter_count(&cfg), 69_584);
+        assert_eq!(parameter_count(&cfg), PchParams::<f32>::zeros(&cfg).unwrap().flat().len());
 
         let names = names_and_shapes(&learned_ids());
         assert_eq!(names[0], ("item_emb.weight".to_string(), vec![11, 64]));
