@@ -24,6 +24,14 @@ pub fn input(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(InputError(msg.into()))
 }
 
+/// Bad input naming the first of `flags` (name, value) that is 0, which a count must not be.
+pub fn at_least_one(flags: &[(&str, usize)]) -> anyhow::Result<()> {
+    match flags.iter().find(|(_, value)| *value == 0) {
+        Some((flag, _)) => Err(input(format!("{flag} must be at least 1"))),
+        None => Ok(()),
+    }
+}
+
 /// Returns early with bad input, formatted like `format!`.
 #[macro_export]
 macro_rules! bail_input {
@@ -65,6 +73,13 @@ mod tests {
         let err = err.context("embedding failed").unwrap_err();
         assert_eq!(exit_status(&err), 2);
         assert_eq!(one_line(&err), "embedding failed: items.jsonl line 3: no \"id\" field");
+    }
+
+    #[test]
+    fn a_zero_count_is_named_first_in_the_order_given() {
+        assert!(at_least_one(&[("--a", 1), ("--b", 3)]).is_ok());
+        let err = at_least_one(&[("--a", 2), ("--b", 0), ("--c", 0)]).unwrap_err();
+        assert_eq!((exit_status(&err), one_line(&err)), (2, "--b must be at least 1".to_string()));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::cuda::bench_kernels::bench_kernels;
 use crate::cuda::bench_train::{TrainBenchSpec, bench_train};
 use crate::cuda::bench_train_kernels::{TrainKernelShape, bench_train_kernels};
 use crate::device::DeviceRequest;
-use crate::error::input;
+use crate::error::{at_least_one, input};
 use crate::llm::LlmConfig;
 use crate::pch::PchConfig;
 use crate::pch::config::ItemTower;
@@ -83,13 +83,7 @@ impl TrainBench {
         }
         config.item_tower = ItemTower::parse(&self.item_tower)?;
         config.validate()?;
-        for (flag, value) in
-            [("--batch-users", self.batch_users), ("--history", self.history), ("--targets", self.targets)]
-        {
-            if value == 0 {
-                return Err(input(format!("{flag} must be at least 1")));
-            }
-        }
+        at_least_one(&[("--batch-users", self.batch_users), ("--history", self.history), ("--targets", self.targets)])?;
         crate::cuda::trainer::check_trainable(&config, self.targets)?;
         Ok(TrainBenchSpec {
             preset: self.preset.clone(),
@@ -176,16 +170,12 @@ impl KernelBench {
             return Ok(None);
         }
         let config = PchConfig::preset(&self.items.preset)?;
-        for (flag, value) in [
+        at_least_one(&[
             ("--batch-users", self.batch_users),
             ("--history", self.history),
             ("--targets", self.targets),
             ("--gallery", self.gallery),
-        ] {
-            if value == 0 {
-                return Err(input(format!("{flag} must be at least 1")));
-            }
-        }
+        ])?;
         crate::cuda::trainer::check_trainable(&config, self.targets)?;
         let shape = TrainKernelShape {
             batch_users: self.batch_users,
@@ -298,14 +288,14 @@ pub fn run(args: &BenchArgs, common: &Common) -> Result<()> {
             report
         }
         BenchWhat::Kernels(bench) => {
-            if let Some((config, shape)) = bench.training()? {
-                let report = bench_train_kernels(ordinal(common)?, &bench.items.preset, &config, shape)?;
-                common.notice(kernels_summary(&report));
-                return common.write_json(&report);
-            }
-            let (config, lengths) = bench.items.resolve()?;
-            let ordinal = ordinal(common)?;
-            let report = bench_kernels(ordinal, &bench.items.preset, &config, &lengths, bench.items.batch_tokens)?;
+            let preset = &bench.items.preset;
+            let report = match bench.training()? {
+                Some((config, shape)) => bench_train_kernels(ordinal(common)?, preset, &config, shape)?,
+                None => {
+                    let (config, lengths) = bench.items.resolve()?;
+                    bench_kernels(ordinal(common)?, preset, &config, &lengths, bench.items.batch_tokens)?
+                }
+            };
             common.notice(kernels_summary(&report));
             report
         }

@@ -15,7 +15,7 @@ use super::schedule::Schedule;
 use crate::cpu::infonce::LossPositions;
 use crate::data::sequences::{Sequences, UserSequence};
 use crate::embed::store::ContentStore;
-use crate::error::input;
+use crate::error::{at_least_one, input};
 use crate::pch::config::{InputKind, PchConfig};
 use crate::pch::params::PchParams;
 use anyhow::{Context, Result, anyhow, bail};
@@ -73,13 +73,7 @@ impl TrainSettings {
 
     /// Checks the values a user controls, naming the flag.
     pub fn check(&self) -> Result<()> {
-        for (flag, value) in
-            [("--history", self.history), ("--targets", self.targets), ("--batch-users", self.batch_users)]
-        {
-            if value == 0 {
-                return Err(input(format!("{flag} must be at least 1")));
-            }
-        }
+        at_least_one(&[("--history", self.history), ("--targets", self.targets), ("--batch-users", self.batch_users)])?;
         if !(self.tau > 0.0 && self.tau.is_finite()) {
             return Err(input(format!("--tau must be a positive number, got {}", self.tau)));
         }
